@@ -1,0 +1,153 @@
+"""Typed job configs: pydantic v2 models loaded from YAML with dotted command-line overrides.
+
+Every job is one :class:`StrictModel`. Unknown keys and wrong types fail before any work starts,
+with a message that names the key and the closest valid one. A config dumps to JSON and reloads
+identically (:func:`to_json` / :func:`from_json`), so it ships verbatim to actors and Ray jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from neuroray.errors import ConfigError
+from neuroray.registry import closest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RayConfig(StrictModel):
+    """Where the job runs: embedded local Ray (address None) or a cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_mb: int | None = 512
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-typed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.sub=value`` override set."""
+    result = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _submodel_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that holds the field at ``loc`` (so we can list its valid keys)."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None or not isinstance(part, str) or part not in current.model_fields:
+            return None
+        current = _model_in(current.model_fields[part].annotation)
+    return current
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def describe_validation_error(model: type[BaseModel], err: ValidationError) -> str:
+    """One line per problem, each naming the dotted key (and the closest valid key if unknown)."""
+    lines = []
+    for problem in err.errors():
+        loc = tuple(problem["loc"])
+        key = ".".join(str(part) for part in loc) or "<root>"
+        if problem["type"] == "extra_forbidden":
+            holder = _submodel_at(model, loc)
+            valid = sorted(holder.model_fields) if holder is not None else []
+            hint = closest(str(loc[-1]), valid)
+            prefix = ".".join(str(part) for part in loc[:-1])
+            suggestion = f"{prefix}.{hint}" if prefix and hint else hint
+            msg = f"unknown key {key!r}"
+            if suggestion:
+                msg += f"; did you mean {suggestion!r}?"
+            elif valid:
+                msg += f" (valid keys here: {', '.join(valid)})"
+            lines.append(msg)
+        else:
+            given = problem.get("input")
+            shown = repr(given) if not isinstance(given, dict) else "a mapping"
+            lines.append(f"key {key!r}: {problem['msg']} (got {shown})")
+    return "; ".join(lines)
+
+
+def validate(model: type[M], data: Mapping[str, Any], source: str = "config") -> M:
+    """Validate plain data into ``model``, turning pydantic's errors into a :class:`ConfigError`."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {describe_validation_error(model, err)}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: Iterable[str] = ()) -> M:
+    """Load ``model`` from a YAML file (or its defaults) with ``key.sub=value`` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else model.__name__
+    return validate(model, apply_overrides(data, overrides), source)
+
+
+def to_json(config: BaseModel) -> str:
+    return config.model_dump_json()
+
+
+def from_json(model: type[M], text: str) -> M:
+    return validate(model, json.loads(text), model.__name__)
+
+
+def dump_yaml(config: BaseModel, path: str | Path) -> None:
+    """Write a config as YAML that :func:`load_config` reads back identically."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
