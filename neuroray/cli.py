@@ -1,0 +1,149 @@
+"""The ``neuroray`` command.
+
+Each subcommand is a thin shell over a library function. Input errors (a
+:class:`~neuroray.errors.NeurorayError`) print one line and exit with status 2; anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from neuroray.errors import NeurorayError
+
+EXIT_USAGE = 2
+
+
+def _parse_chunks(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"chunks must be z,y,x integers, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"chunks must be 3 positive integers z,y,x, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------- data
+def cmd_data_info(args: argparse.Namespace) -> None:
+    from neuroray.platform.ingest import read_manifest
+    from neuroray.platform.volume import open_volume
+
+    volume = open_volume(args.url)
+    info = volume.info()
+    try:
+        manifest = read_manifest(args.url)
+    except (NeurorayError, ValueError):
+        manifest = None
+    if manifest is not None:
+        table = manifest.to_pandas()
+        info["manifest"] = {"chunks": len(table)}
+        if table["foreground_fraction"].notna().any():
+            info["manifest"]["mean_foreground_fraction"] = round(
+                float(table["foreground_fraction"].mean()), 4
+            )
+            info["manifest"]["max_ids_per_chunk"] = int(table["n_ids"].max())
+        else:
+            info["manifest"]["mean_intensity"] = round(float(table["mean"].mean()), 3)
+    print(json.dumps(info, indent=2))
+
+
+def cmd_data_ingest(args: argparse.Namespace) -> None:
+    from neuroray.platform.ingest import ingest
+
+    labels = True if args.labels else (False if args.image else None)
+    result = ingest(
+        args.src, args.dst, chunk_shape=args.chunks, labels=labels, overwrite=args.overwrite
+    )
+    print(result.summary())
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from neuroray.platform.synthetic import write_synthetic
+
+    for name, url in write_synthetic(args.kind, args.dst, shape=args.shape, seed=args.seed).items():
+        print(f"{name}: {url}")
+
+
+# ---------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> None:
+    from neuroray.demo import run_demo
+
+    run_demo(args.out, address=args.address)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuroray",
+        description="Pretrain and fine-tune neuron segmentation models for 3D microscopy, on Ray.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = commands.add_parser("data", help="inspect, ingest and synthesise volumes")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    info = data_commands.add_parser("info", help="shape, dtype, voxel size, chunks, manifest")
+    info.add_argument("url", help="volume URL: precomputed://…, x.zarr, f.h5#key, s.tif, a.npy")
+    info.set_defaults(func=cmd_data_info)
+
+    ingest = data_commands.add_parser(
+        "ingest", help="convert a volume into a chunked precomputed or zarr v3 layer + manifest"
+    )
+    ingest.add_argument("src", help="source volume URL")
+    ingest.add_argument("dst", help="destination: a directory (precomputed) or a *.zarr path")
+    ingest.add_argument(
+        "--chunks", type=_parse_chunks, default=(64, 64, 64), help="chunk shape z,y,x"
+    )
+    kind = ingest.add_mutually_exclusive_group()
+    kind.add_argument("--labels", action="store_true", help="write a segmentation layer")
+    kind.add_argument("--image", action="store_true", help="write an image layer")
+    ingest.add_argument(
+        "--overwrite", action="store_true", help="replace an existing layer instead of resuming"
+    )
+    ingest.set_defaults(func=cmd_data_ingest)
+
+    synth = data_commands.add_parser("synth", help="write a synthetic EM or LM volume")
+    synth.add_argument("kind", choices=["em", "lm"])
+    synth.add_argument("dst", help="output directory")
+    synth.add_argument("--shape", type=_parse_chunks, default=None, help="z,y,x voxels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline on synthetic data with an embedded Ray"
+    )
+    demo.add_argument("--out", default="demo_out", help="where the demo writes everything")
+    demo.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
+    demo.set_defaults(func=cmd_demo)
+
+    for extend in EXTENSIONS:
+        extend(commands)
+    return parser
+
+
+# Later subsystems (pretrain, finetune, segment, evaluate, tune) add their subcommands here.
+EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except NeurorayError as err:
+        print(f"neuroray: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("neuroray: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
