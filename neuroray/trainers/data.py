@@ -1,0 +1,105 @@
+"""Training input shared by every job: a ServerPool on the driver, crop batches on each worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from neuroray.config import StrictModel
+from neuroray.errors import NeurorayError
+from neuroray.platform.augment import PipelineSpec, build_pipeline, default_pipeline
+from neuroray.platform.ingest import read_manifest
+from neuroray.platform.sampler import CropDataset, SamplerConfig, build_sampler
+from neuroray.platform.server import ServerPool
+
+
+class DataSettings(StrictModel):
+    """Layers to train on and how crops are served, sampled and augmented."""
+
+    image: str
+    """Image layer URL (any format open_volume reads; ingest large volumes first)."""
+    labels: str | None = None
+    """Aligned labels layer (segmentation ids or a binary mask), if the job needs one."""
+    num_servers: int = Field(2, ge=1)
+    cache_mb: float = Field(256, gt=0)
+    server_cpus: float = Field(0, ge=0)
+    """CPUs reserved per chunk server; 0 lets them share nodes with training workers."""
+    server_resources: dict[str, float] = {}
+    """Custom resources, e.g. {"chunk_server": 1} to place servers on CPU nodes of a cluster."""
+    preload: bool = False
+    sampler: SamplerConfig = SamplerConfig()
+    augment: str | PipelineSpec = Field(default_factory=list)
+    """A named list ("em", "lm", ...) or specs ([{name: flip, p: 0.5}, ...]); see augment.py."""
+    crops_per_request: int = Field(8, ge=1)
+    prefetch: int = Field(4, ge=1)
+
+    @field_validator("augment")
+    @classmethod
+    def _known_list(cls, value: str | list) -> str | list:
+        if isinstance(value, str):
+            try:
+                default_pipeline(value)
+            except NeurorayError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    def layers(self) -> dict[str, str]:
+        return {"image": self.image, **({"labels": self.labels} if self.labels else {})}
+
+
+def start_pool(data: DataSettings) -> ServerPool:
+    """The chunk servers for a job (created by the driver, shared by all its workers)."""
+    return ServerPool(
+        data.layers(),
+        num_servers=data.num_servers,
+        cache_mb=data.cache_mb,
+        preload=data.preload,
+        num_cpus=data.server_cpus,
+        resources=data.server_resources,
+    )
+
+
+def crop_batches(
+    data: DataSettings,
+    pool: ServerPool,
+    *,
+    rank: int,
+    batch_size: int,
+    steps_per_epoch: int,
+    start_step: int,
+) -> Iterator[dict[str, Any]]:
+    """Endless batches of crops for one worker, positioned at ``start_step``.
+
+    Epoch e of rank r always reads the same crops; a run resumed at step s skips exactly the
+    ``(s mod steps_per_epoch) * batch_size`` samples it had consumed in that epoch.
+    """
+    from torch.utils.data import DataLoader
+
+    manifest = (
+        read_manifest(data.labels)
+        if data.labels
+        and data.sampler.foreground_from == "manifest"
+        and data.sampler.min_foreground > 0
+        else None
+    )
+    sampler = build_sampler(pool, data.sampler, manifest)
+    dataset = CropDataset(
+        pool,
+        sampler,
+        samples_per_epoch=steps_per_epoch * batch_size,
+        rank=rank,
+        crops_per_request=data.crops_per_request,
+        prefetch=data.prefetch,
+        augment=build_pipeline(data.augment) if data.augment else None,
+    )
+    epoch = start_step // steps_per_epoch
+    dataset.load_state_dict(
+        {"epoch": epoch, "consumed": (start_step % steps_per_epoch) * batch_size}
+    )
+    while True:
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=0)
+        yield from loader
+        epoch += 1
+        dataset.set_epoch(epoch)

@@ -1,0 +1,487 @@
+"""Shared Ray Train plumbing: one loop for every pretraining and fine-tuning job.
+
+A job plugs a :class:`TrainTask` (model, batches, loss, previews, hooks) into :func:`fit`, which
+runs it on a ``TorchTrainer`` (Train V2 API). The loop owns what every job needs: device and
+DDP, bf16 autocast on CUDA, AdamW with warmup + cosine decay, gradient clipping, checkpoints
+through ``ray.train.report`` every N steps, resume, and TensorBoard from rank 0.
+
+**Resume.** Rerunning with the same ``run.name`` and ``run.storage_path`` continues from the
+latest checkpoint (``ray.train.get_checkpoint()``); so does Train's automatic recovery after a
+worker failure (``run.max_failures``). Data streams are seeded per (seed, rank, epoch) and
+positioned from the global step, so a resumed run reads the crops it would have read.
+
+**Checkpoint format** (a contract: fine-tuning and other tools read it)::
+
+    checkpoint_dir/
+      model.pt        {"format": "neuroray.checkpoint/1", "kind": task kind ("mae", "dbmim",
+                       "mscon", "finetune_em", ...), "step": int, "state_dict": model weights
+                       (no DDP prefix), "encoder_prefix": where the ViT3D encoder's keys start
+                       ("encoder." for MAE), "job": the job config as JSON}
+      train_state.pt  {"optimizer", "scheduler", "step", "extras": task state}
+      job.json        the job config (also inside model.pt)
+
+Both files load with ``torch.load(..., weights_only=True)``. Ray Train registers a checkpoint
+only after it is fully persisted, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from neuroray.config import RayConfig, StrictModel
+from neuroray.errors import NeurorayError
+
+CHECKPOINT_FORMAT = "neuroray.checkpoint/1"
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warmup then cosine decay to ``min_lr``."""
+
+    lr: float = Field(1.5e-4, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    """Layer-wise learning-rate decay (fine-tuning); None = one rate for all layers."""
+
+
+class RunSettings(StrictModel):
+    """Where a run lives, how long it trains, and on what."""
+
+    name: str = "run"
+    storage_path: str = "runs"
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(2, ge=1)
+    """Crops per worker per step."""
+    steps_per_epoch: int = Field(50, ge=1)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    """"auto": bf16 autocast on CUDA, full precision on CPU."""
+    checkpoint_every: int = Field(50, ge=1)
+    report_every: int = Field(10, ge=1)
+    preview_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+    tensorboard_dir: str | None = None
+    """Default: <storage_path>/<name>/tensorboard for local storage, ./runs/<name>/tensorboard
+    for remote storage."""
+    fail_at_step: int | None = None
+    """Fault injection for tests and drills: raise once at this step (first attempt only)."""
+
+    def run_dir(self) -> str:
+        return f"{absolute_storage(self.storage_path)}/{self.name}"
+
+    def tensorboard_path(self) -> Path:
+        if self.tensorboard_dir:
+            return Path(self.tensorboard_dir)
+        if is_remote(self.storage_path):
+            return Path("runs") / self.name / "tensorboard"
+        return Path(self.run_dir()) / "tensorboard"
+
+
+class TrainJob(StrictModel):
+    """Fields every training job has; concrete jobs add model, data and task sections."""
+
+    run: RunSettings = RunSettings()
+    optim: OptimConfig = OptimConfig()
+    ray: RayConfig = RayConfig()
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def absolute_storage(path: str) -> str:
+    """Ray Train needs absolute local paths (or a URI)."""
+    if is_remote(path):
+        return path.rstrip("/")
+    return str(Path(path.removeprefix("file://")).expanduser().resolve())
+
+
+# ---------------------------------------------------------------------- the task interface
+class WorkerInfo:
+    """Where this copy of the loop runs."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, extras: dict[str, Any]):
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.extras = extras  # driver-side objects (a ServerPool, actor handles) for the task
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+class TrainTask(ABC):
+    """What a job plugs into the loop. One instance per worker."""
+
+    kind: str = "task"
+    encoder_prefix: str = "encoder."
+
+    def __init__(self, job: TrainJob, worker: WorkerInfo) -> None:
+        self.job = job
+        self.worker = worker
+
+    @abstractmethod
+    def build_model(self) -> nn.Module: ...
+
+    @abstractmethod
+    def batches(self, start_step: int) -> Iterator[dict[str, Any]]:
+        """Endless batches for this worker, positioned at ``start_step`` (for resume)."""
+
+    @abstractmethod
+    def loss(
+        self, model: nn.Module, batch: dict[str, Any], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss and scalars to log (already Python floats)."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """AdamW groups: no weight decay on biases, norms, tokens and position embeddings."""
+        return decay_groups(model, self.job.optim.weight_decay)
+
+    def previews(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, np.ndarray]:
+        """HxWx3 uint8 images for TensorBoard (rank 0 only)."""
+        return {}
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Called after every optimiser step (dbMiM publishes weights here)."""
+        return {}
+
+    def validate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Validation metrics, run at checkpoints on rank 0 (fine-tuning segments a slab)."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what :meth:`state` returned (from a checkpoint)."""
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.endswith(("pos_embed", "token", "depth_embed"))
+        (no_decay if skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(optim: OptimConfig, total_steps: int):
+    """LR multiplier per step: linear warmup, then cosine from lr down to min_lr."""
+    floor = optim.min_lr / optim.lr
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    directory: Path,
+    *,
+    task: TrainTask,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+) -> None:
+    job_json = task.job.model_dump_json()
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "kind": task.kind,
+            "step": step,
+            "state_dict": model.state_dict(),
+            "encoder_prefix": task.encoder_prefix,
+            "job": job_json,
+        },
+        directory / "model.pt",
+    )
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "extras": task.state(),
+        },
+        directory / "train_state.pt",
+    )
+    (directory / "job.json").write_text(job_json)
+
+
+def load_model_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``model.pt`` of a checkpoint (a checkpoint directory, a run directory or the file)."""
+    path = Path(path)
+    if path.is_dir() and not (path / "model.pt").exists():
+        path = latest_checkpoint(path)
+    file = path / "model.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise NeurorayError(f"no neuroray checkpoint at {path} (expected model.pt inside)")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise NeurorayError(f"{file} is not a readable neuroray checkpoint: {err}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise NeurorayError(f"{file} is not a neuroray checkpoint ({CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest ``checkpoint_*`` directory of a run (Ray Train names them by time)."""
+    run_dir = Path(run_dir)
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "model.pt").exists())
+    if not found:
+        raise NeurorayError(f"run {run_dir} has no finished checkpoint yet")
+    return found[-1]
+
+
+# ---------------------------------------------------------------------- the worker loop
+def _autocast(mode: str, device: torch.device):
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def _inject_failure_once(run: RunSettings, step: int) -> None:
+    marker = Path(run.run_dir()) / ".injected_failure"
+    if is_remote(run.storage_path) or marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
+
+
+def run_worker(task: TrainTask) -> None:
+    """The training loop each Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    job, worker = task.job, task.worker
+    run, optim = job.run, job.optim
+    torch.manual_seed(run.seed)  # same initial weights on every rank (DDP also broadcasts)
+    if worker.device.type == "cpu":
+        torch.set_num_threads(max(1, int(run.cpus_per_worker)))
+    model = task.build_model()
+    model = (
+        ray.train.torch.prepare_model(model) if worker.world_size > 1 else model.to(worker.device)
+    )
+    raw_model = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW(task.param_groups(raw_model), lr=optim.lr, betas=optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim, run.steps))
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            weights = torch.load(
+                Path(directory) / "model.pt", map_location="cpu", weights_only=True
+            )
+            state = torch.load(
+                Path(directory) / "train_state.pt", map_location="cpu", weights_only=True
+            )
+        raw_model.load_state_dict(weights["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        task.load_state(state.get("extras", {}))
+        start_step = int(state["step"])
+
+    writer = None
+    if worker.is_chief:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run.tensorboard_path()))
+    batches = task.batches(start_step)
+    sums: dict[str, float] = {}
+    count, tick, samples = 0, time.perf_counter(), 0
+    step = start_step
+    try:
+        while step < run.steps:
+            batch = _to_device(next(batches), worker.device)
+            model.train()
+            with _autocast(run.amp, worker.device):
+                loss, scalars = task.loss(model, batch, step)
+            if not torch.isfinite(loss):
+                raise NeurorayError(f"loss became {loss.item()} at step {step}; lower optim.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if optim.grad_clip:
+                scalars["grad_norm"] = float(
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+                )
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            scalars.update(task.after_step(raw_model, step))
+            scalars["loss"] = float(loss.detach())
+            for key, value in scalars.items():
+                sums[key] = sums.get(key, 0.0) + value
+            count += 1
+            samples += _batch_size(batch)
+            if run.fail_at_step is not None and step == run.fail_at_step:
+                _inject_failure_once(run, step)
+
+            if writer is not None and (step % run.preview_every == 0 or step == run.steps):
+                for tag, image in task.previews(raw_model, batch, step).items():
+                    writer.add_image(tag, image, step, dataformats="HWC")
+
+            save = step % run.checkpoint_every == 0 or step == run.steps
+            if save or step % run.report_every == 0:
+                elapsed = time.perf_counter() - tick
+                metrics = {k: v / count for k, v in sums.items()}
+                metrics.update(
+                    step=step,
+                    lr=scheduler.get_last_lr()[0],
+                    samples_per_s=samples * worker.world_size / max(elapsed, 1e-9),
+                )
+                if save and worker.is_chief:
+                    metrics.update(task.validate(raw_model, step))
+                if writer is not None:
+                    for key, value in metrics.items():
+                        if key != "step":
+                            writer.add_scalar(f"train/{key}", value, step)
+                    writer.flush()
+                if save:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        ckpt = None
+                        if worker.is_chief:
+                            save_checkpoint(
+                                Path(tmp),
+                                task=task,
+                                model=raw_model,
+                                optimizer=optimizer,
+                                scheduler=scheduler,
+                                step=step,
+                            )
+                            ckpt = Checkpoint.from_directory(tmp)
+                        ray.train.report(metrics, checkpoint=ckpt)
+                else:
+                    ray.train.report(metrics)
+                sums, count, samples, tick = {}, 0, 0, time.perf_counter()
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    job = config["job_class"].model_validate_json(config["job"])
+    worker = WorkerInfo(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        extras=config.get("extras", {}),
+    )
+    run_worker(config["task_class"](job, worker))
+
+
+# ---------------------------------------------------------------------- the driver
+def fit(
+    task_class: type[TrainTask],
+    job: TrainJob,
+    *,
+    extras: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """Run ``task_class`` on a TorchTrainer; returns Ray's ``Result`` (``.checkpoint``, metrics).
+
+    ``extras`` are driver-side objects the workers need (a ServerPool, actor handles).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run = job.run
+    if run.checkpoint_every > run.steps:
+        run = run.model_copy(update={"checkpoint_every": run.steps})
+        job = job.model_copy(update={"run": run})
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={
+            "task_class": task_class,
+            "job_class": type(job),
+            "job": job.model_dump_json(),
+            "extras": extras or {},
+        },
+        scaling_config=ScalingConfig(
+            num_workers=run.num_workers,
+            use_gpu=run.use_gpu,
+            resources_per_worker={
+                "CPU": run.cpus_per_worker,
+                **({"GPU": 1} if run.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=run.name,
+            storage_path=absolute_storage(run.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    try:
+        return trainer.fit()
+    except Exception as err:
+        cause = _user_error_in(err)
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _user_error_in(err: BaseException) -> NeurorayError | None:
+    """A NeurorayError raised inside a worker, unwrapped from Ray's exception chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, NeurorayError):
+            return err
+        nested = getattr(err, "cause", None) or getattr(err, "worker_failures", None)
+        if isinstance(nested, dict):
+            nested = next(iter(nested.values()), None)
+        err = nested or err.__cause__ or err.__context__
+    return None
