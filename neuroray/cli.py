@@ -70,6 +70,59 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         print(f"{name}: {url}")
 
 
+# ---------------------------------------------------------------------- training jobs
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="job YAML (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. run.steps=200"
+    )
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
+
+
+def _load_job(model: type, args: argparse.Namespace):
+    from neuroray.config import load_config
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    return load_config(model, args.config, overrides)
+
+
+def _report_training(result) -> None:
+    metrics = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()}
+    print(
+        json.dumps(
+            {
+                "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                "metrics": metrics,
+            },
+            indent=2,
+        )
+    )
+
+
+# Each job module defines JOB_CLASS (its pydantic config) and run_job(job) -> Ray Result.
+# A method is listed only when its module exists, so --help shows only commands that work.
+PRETRAIN_METHODS = {
+    "mae": ("neuroray.trainers.pretrain", "MAE-3D with random / tube / block masking"),
+    "dbmim": ("neuroray.agents.dbmim", "dbMiM: RLlib multi-agent masking policy + MAE"),
+    "mscon": ("neuroray.trainers.mscon", "MS-Con: Siamese multiscale consistency"),
+}
+
+
+def _available(methods: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    import importlib.util
+
+    return {k: v for k, v in methods.items() if importlib.util.find_spec(v[0]) is not None}
+
+
+def cmd_job(args: argparse.Namespace) -> None:
+    import importlib
+
+    module = importlib.import_module(args.job_module)
+    _report_training(module.run_job(_load_job(module.JOB_CLASS, args)))
+
+
 # ---------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
     from neuroray.demo import run_demo
@@ -114,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shape", type=_parse_chunks, default=None, help="z,y,x voxels")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
+
+    pretrain = commands.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
+    methods = pretrain.add_subparsers(dest="method", metavar="METHOD", required=True)
+    for name, (module, help_text) in _available(PRETRAIN_METHODS).items():
+        method = methods.add_parser(name, help=help_text)
+        _add_job_arguments(method)
+        method.set_defaults(func=cmd_job, job_module=module)
 
     demo = commands.add_parser(
         "demo", help="the whole pipeline on synthetic data with an embedded Ray"

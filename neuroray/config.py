@@ -106,9 +106,12 @@ def describe_validation_error(model: type[BaseModel], err: ValidationError) -> s
                 msg += f" (valid keys here: {', '.join(valid)})"
             lines.append(msg)
         else:
+            message = problem["msg"].removeprefix("Value error, ")
             given = problem.get("input")
-            shown = repr(given) if not isinstance(given, dict) else "a mapping"
-            lines.append(f"key {key!r}: {problem['msg']} (got {shown})")
+            if isinstance(given, dict):  # a whole section failed a cross-field check
+                lines.append(message if not loc else f"{key}: {message}")
+            else:
+                lines.append(f"key {key!r}: {message} (got {given!r})")
     return "; ".join(lines)
 
 

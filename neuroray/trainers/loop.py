@@ -26,6 +26,7 @@ only after it is fully persisted, so a reader never sees half of one.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -325,6 +326,8 @@ def run_worker(task: TrainTask) -> None:
     if worker.is_chief:
         from torch.utils.tensorboard import SummaryWriter
 
+        _log_start(run, start_step)
+
         writer = SummaryWriter(str(run.tensorboard_path()))
     batches = task.batches(start_step)
     sums: dict[str, float] = {}
@@ -396,6 +399,24 @@ def run_worker(task: TrainTask) -> None:
     finally:
         if writer is not None:
             writer.close()
+
+
+def _log_start(run: RunSettings, start_step: int) -> None:
+    """Append where this (re)start began to ``<run dir>/starts.jsonl``: resumes are visible."""
+    if is_remote(run.storage_path):
+        return
+    path = Path(run.run_dir()) / "starts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"start_step": start_step, "time": time.time()}) + "\n")
+
+
+def read_starts(run: RunSettings) -> list[int]:
+    """The step each start of a local run began at (first entry 0; later ones are resumes)."""
+    path = Path(run.run_dir()) / "starts.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["start_step"] for line in path.read_text().splitlines() if line]
 
 
 def _batch_size(batch: dict[str, Any]) -> int:

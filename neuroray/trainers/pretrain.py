@@ -124,3 +124,11 @@ def pretrain(job: PretrainJob, task_class: type[TrainTask] = MAETask) -> Any:
         return fit(task_class, job, extras={"pool": pool})
     finally:
         pool.shutdown()
+
+
+JOB_CLASS = PretrainJob
+
+
+def run_job(job: PretrainJob) -> Any:
+    """The CLI's entry point (``neuroray pretrain mae``)."""
+    return pretrain(job)
