@@ -82,7 +82,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_job(model: type, args: argparse.Namespace):
     from neuroray.config import load_config
 
-    overrides = list(args.overrides)
+    overrides = [*getattr(args, "fixed_overrides", []), *args.overrides]
     if args.address:
         overrides.append(f"ray.address={args.address}")
     return load_config(model, args.config, overrides)
@@ -107,6 +107,13 @@ PRETRAIN_METHODS = {
     "mae": ("neuroray.trainers.pretrain", "MAE-3D with random / tube / block masking"),
     "dbmim": ("neuroray.agents.dbmim", "dbMiM: RLlib multi-agent masking policy + MAE"),
     "mscon": ("neuroray.trainers.mscon", "MS-Con: Siamese multiscale consistency"),
+}
+
+
+FINETUNE_TASKS = {
+    "em": "EM neurons: affinities -> waterz, validated by VOI / ARAND",
+    "mito": "mitochondria: binary masks, validated by Dice / IoU",
+    "lm": "light-microscopy neurons (SWC labels): binary masks, Dice / IoU",
 }
 
 
@@ -174,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         method = methods.add_parser(name, help=help_text)
         _add_job_arguments(method)
         method.set_defaults(func=cmd_job, job_module=module)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a UNETR for segmentation")
+    tasks = finetune.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name, help_text in FINETUNE_TASKS.items():
+        task = tasks.add_parser(name, help=help_text)
+        _add_job_arguments(task)
+        task.set_defaults(
+            func=cmd_job, job_module="neuroray.trainers.finetune", fixed_overrides=[f"task={name}"]
+        )
 
     demo = commands.add_parser(
         "demo", help="the whole pipeline on synthetic data with an embedded Ray"

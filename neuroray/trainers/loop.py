@@ -156,7 +156,10 @@ class TrainTask(ABC):
         """The training loss and scalars to log (already Python floats)."""
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """AdamW groups: no weight decay on biases, norms, tokens and position embeddings."""
+        """AdamW groups: no weight decay on biases, norms, tokens and position embeddings.
+
+        A group may carry its own ``lr`` and a ``freeze_until`` step (lr 0 before it).
+        """
         return decay_groups(model, self.job.optim.weight_decay)
 
     def previews(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, np.ndarray]:
@@ -202,6 +205,12 @@ def warmup_cosine(optim: OptimConfig, total_steps: int):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def _frozen_until(schedule, until: int):
+    """A group's schedule with lr 0 before step ``until`` (a frozen warm-up that DDP tolerates,
+    unlike toggling requires_grad after the model is wrapped)."""
+    return lambda step: 0.0 if step < until else schedule(step)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -304,7 +313,11 @@ def run_worker(task: TrainTask) -> None:
     )
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(task.param_groups(raw_model), lr=optim.lr, betas=optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim, run.steps))
+    schedule = warmup_cosine(optim, run.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        [_frozen_until(schedule, g.get("freeze_until", 0)) for g in optimizer.param_groups],
+    )
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
