@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from neuroray.errors import NeurorayError
 
@@ -27,6 +28,16 @@ def _parse_chunks(text: str) -> tuple[int, int, int]:
     if len(values) != 3 or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"chunks must be 3 positive integers z,y,x, got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def _parse_roi(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"roi must be 6 integers, got {text!r}") from None
+    if len(values) != 6:
+        raise argparse.ArgumentTypeError(f"roi must be z0,y0,x0,z1,y1,x1, got {text!r}")
+    return values
 
 
 # ---------------------------------------------------------------------- data
@@ -71,21 +82,29 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- training jobs
-def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="job YAML (see configs/)")
+def _add_job_arguments(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    what = "CONFIG.yaml" if config_required else "[CONFIG.yaml]"
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. run.steps=200"
+        "args",
+        nargs="+" if config_required else "*",
+        metavar=f"{what} KEY=VALUE",
+        help="a job YAML (see configs/) and dotted overrides, e.g. run.steps=200",
     )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
+    parser.set_defaults(config_required=config_required)
 
 
 def _load_job(model: type, args: argparse.Namespace):
     from neuroray.config import load_config
+    from neuroray.errors import ConfigError
 
-    overrides = [*getattr(args, "fixed_overrides", []), *args.overrides]
+    paths = [a for a in args.args if "=" not in a]
+    overrides = [*getattr(args, "fixed_overrides", []), *(a for a in args.args if "=" in a)]
+    if len(paths) > 1 or (args.config_required and not paths):
+        raise ConfigError(f"give one config YAML followed by KEY=VALUE overrides (got {args.args})")
     if args.address:
         overrides.append(f"ray.address={args.address}")
-    return load_config(model, args.config, overrides)
+    return load_config(model, paths[0] if paths else None, overrides)
 
 
 def _report_training(result) -> None:
@@ -128,6 +147,30 @@ def cmd_job(args: argparse.Namespace) -> None:
 
     module = importlib.import_module(args.job_module)
     _report_training(module.run_job(_load_job(module.JOB_CLASS, args)))
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from neuroray.segmentation.blockwise import SegmentConfig, segment
+
+    result = segment(_load_job(SegmentConfig, args))
+    print(result.summary())
+    for name, url in result.layers.items():
+        print(f"{name}: precomputed://file://{Path(url).resolve()}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from neuroray.segmentation.evaluate import evaluate_layers
+
+    report = evaluate_layers(
+        args.segmentation,
+        args.labels,
+        task=args.task,
+        roi=args.roi,
+        image=args.image,
+        out=args.out,
+        border_threshold_nm=args.border_nm,
+    )
+    print(report.table())
 
 
 # ---------------------------------------------------------------------- demo
@@ -190,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
         task.set_defaults(
             func=cmd_job, job_module="neuroray.trainers.finetune", fixed_overrides=[f"task={name}"]
         )
+
+    seg = commands.add_parser(
+        "segment", help="blockwise prediction + agglomeration of a whole volume on Ray"
+    )
+    _add_job_arguments(seg, config_required=False)
+    seg.set_defaults(func=cmd_segment)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="VOI / ARAND (EM) or Dice / IoU (binary) of a segmentation vs labels"
+    )
+    evaluate.add_argument("segmentation", help="segmentation layer URL")
+    evaluate.add_argument("labels", help="ground-truth layer URL")
+    evaluate.add_argument("--task", choices=["em", "binary"], default="em")
+    evaluate.add_argument("--roi", type=_parse_roi, default=None, help="z0,y0,x0,z1,y1,x1")
+    evaluate.add_argument("--image", default=None, help="image layer for the PNG preview")
+    evaluate.add_argument("--out", default=None, help="folder for metrics.json and preview.png")
+    evaluate.add_argument(
+        "--border-nm", type=float, default=None, help="CREMI border mask: ignore GT boundaries"
+    )
+    evaluate.set_defaults(func=cmd_evaluate)
 
     demo = commands.add_parser(
         "demo", help="the whole pipeline on synthetic data with an embedded Ray"

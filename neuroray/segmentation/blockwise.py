@@ -1,0 +1,485 @@
+"""Segment a whole volume in blocks as Ray tasks: predict → agglomerate → stitch → relabel.
+
+1. **predict**: each block (plus a context margin) goes through the fine-tuned UNETR with
+   blended sliding windows; the block's core is written to an ``affinities`` (EM) or
+   ``probabilities`` (binary) precomputed layer, uint8-quantised, one chunk per block.
+2. **agglomerate** (EM): each block is segmented with fragments + waterz on its core plus a
+   ``halo`` from its neighbours' predictions, ids made unique per block (``block << 32 | id``),
+   and its core written to a ``blocks`` layer. The halo beyond each of its upper faces is kept.
+3. **stitch**: across every face, a block's halo labels are compared with its neighbour's core
+   labels over the same voxels; segments that are each other's majority overlap are merged
+   (union-find). Objects are therefore not cut at block faces.
+4. **relabel**: every block's core is mapped to final consecutive ids in ``segmentation``.
+   Binary tasks (mito, LM) threshold the probabilities into a ``segmentation`` mask instead.
+
+Resumable: each finished block of each stage leaves a marker (after its data is written), and
+a rerun skips marked blocks. A failed block fails the job loudly, naming the blocks, after the
+other blocks finish; a rerun then does only what is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fastremap
+import numpy as np
+import ray
+from pydantic import Field
+from tqdm import tqdm
+
+from neuroray.config import RayConfig, StrictModel
+from neuroray.errors import NeurorayError
+from neuroray.platform.box import Box, chunk_grid
+from neuroray.platform.ingest import put_atomic
+from neuroray.platform.volume import create_volume, open_volume
+
+BLOCK_ID_SHIFT = np.uint64(32)
+
+
+class SegmentConfig(StrictModel):
+    """``neuroray segment``: which model, which image, where to write, and how to cut blocks."""
+
+    checkpoint: str | None = None
+    """A fine-tuning run, checkpoint directory or model.pt; not needed with ``affinities``."""
+    image: str | None = None
+    affinities: str | None = None
+    """An existing affinities layer: skip prediction and only agglomerate it (EM)."""
+    output: str = "segmentation_out"
+    roi: tuple[int, int, int, int, int, int] | None = None
+    block_shape: tuple[int, int, int] = (32, 128, 128)
+    context: tuple[int, int, int] | None = None
+    """Extra input around each block for prediction (default: a quarter of the model window)."""
+    halo: tuple[int, int, int] = (4, 16, 16)
+    """Overlap used to segment each block together with its neighbours' voxels, for stitching."""
+    threshold: float = Field(0.5, gt=0, lt=1)
+    """waterz merge threshold (EM; pick it on validation data) or foreground threshold."""
+    task: str | None = None
+    """em | mito | lm; read from the checkpoint when not given."""
+    cpus_per_task: float = Field(1.0, gt=0)
+    overwrite: bool = False
+    fail_on_blocks: list[int] = []
+    """Fault injection for drills and tests: these blocks' workers die once, in the first stage
+    (predict, or agglomerate when given affinities)."""
+    ray: RayConfig = RayConfig()
+
+
+@dataclass
+class StageReport:
+    stage: str
+    done: int
+    skipped: int
+    seconds: float
+
+
+@dataclass
+class SegmentResult:
+    output: str
+    layers: dict[str, str]
+    stages: list[StageReport]
+    voxels: int
+
+    def summary(self) -> str:
+        parts = [
+            f"{s.stage}: {s.done} blocks ({s.skipped} already done) {s.seconds:.1f} s"
+            for s in self.stages
+        ]
+        return f"{self.output}: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------- markers
+class Markers:
+    """Per-stage, per-block completion markers under ``<output>/.neuroray/blockwise``."""
+
+    def __init__(self, output: str) -> None:
+        self.root = Path(output) / ".neuroray" / "blockwise"
+
+    def done(self, stage: str, block: int) -> bool:
+        return (self.root / stage / f"{block}.json").exists()
+
+    def mark(self, stage: str, block: int, info: dict[str, Any] | None = None) -> None:
+        put_atomic(f"file://{self.root / stage}", f"{block}.json", json.dumps(info or {}).encode())
+
+
+# ---------------------------------------------------------------------- model loading in tasks
+def load_segmenter(checkpoint: str) -> tuple[Any, Any]:
+    """The fine-tuned UNETR of a checkpoint (weights loaded) and its job config."""
+    from neuroray.trainers.finetune import FinetuneJob, build_segmenter
+    from neuroray.trainers.loop import load_model_checkpoint
+
+    state = load_model_checkpoint(checkpoint)
+    if not str(state["kind"]).startswith("finetune_"):
+        raise NeurorayError(
+            f"{checkpoint} is a {state['kind']} checkpoint; segmenting needs a fine-tuned one "
+            "(neuroray finetune em|mito|lm)"
+        )
+    job = FinetuneJob.model_validate_json(state["job"])
+    job = job.model_copy(update={"model": job.model.model_copy(update={"init": "scratch"})})
+    model, _ = build_segmenter(job)
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    return model, job
+
+
+# ---------------------------------------------------------------------- block tasks
+def _blocks(bounds: Box, block_shape: Sequence[int]) -> list[Box]:
+    return list(chunk_grid(bounds, block_shape))
+
+
+def _fail_once(output: str, block: int) -> None:
+    flag = Path(output) / ".neuroray" / "blockwise" / f"injected_failure_{block}"
+    if not flag.exists():
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.write_text("1")
+        os._exit(1)  # a real worker death, as a preempted node would give
+
+
+def predict_block(
+    config_json: str, weights_ref: Any, index: int, box_list: list[int], out_url: str
+) -> int:
+    import torch
+
+    from neuroray.segmentation.inference import predict_array
+
+    config = SegmentConfig.model_validate_json(config_json)
+    if index in config.fail_on_blocks:
+        _fail_once(config.output, index)
+    torch.set_num_threads(max(1, int(config.cpus_per_task)))
+    model, job = weights_ref
+    window = job.model.encoder.img_size
+    context = config.context or tuple(w // 4 for w in window)
+    image = open_volume(config.image)
+    core = Box.from_list(box_list)
+    region = core.grow(context).intersect(image.bounds)
+    data = image.read(region)
+    data = data.astype(np.float32) / (np.iinfo(data.dtype).max if data.dtype.kind == "u" else 1.0)
+    probs = predict_array(model, data, window)
+    core_probs = probs[(slice(None), *core.relative_to(region))]
+    quantised = np.clip(np.rint(core_probs * 255), 0, 255).astype(np.uint8)
+    open_volume(out_url, "r+").write(core, quantised)
+    Markers(config.output).mark("predict", index)
+    return index
+
+
+def agglomerate_block(
+    config_json: str,
+    index: int,
+    box_list: list[int],
+    affs_url: str,
+    blocks_url: str,
+    bounds_list: list[int],
+) -> int:
+    from neuroray.segmentation.inference import segment_affinities
+
+    config = SegmentConfig.model_validate_json(config_json)
+    if index in config.fail_on_blocks and config.affinities is not None:
+        _fail_once(config.output, index)
+    affinities = open_volume(affs_url)
+    core = Box.from_list(box_list)
+    region = core.grow(config.halo).intersect(Box.from_list(bounds_list))
+    affs = affinities.read(region).astype(np.float32) / 255.0
+    seg = segment_affinities(affs, [config.threshold], voxel_size=affinities.voxel_size)[
+        config.threshold
+    ]
+    seg = seg.astype(np.uint64)
+    nonzero = seg != 0
+    seg[nonzero] |= np.uint64(index + 1) << BLOCK_ID_SHIFT
+    open_volume(blocks_url, "r+").write(core, seg[core.relative_to(region)])
+    halos = {}
+    for axis in range(3):  # the halo beyond this block's upper face along each axis
+        start = list(core.start)
+        start[axis] = core.stop[axis]
+        stop = list(region.stop)
+        slab = Box(start, stop).intersect(region)
+        if not slab.empty:
+            halos[f"{axis}"] = seg[slab.relative_to(region)]
+            halos[f"{axis}_box"] = np.asarray(slab.to_list())
+    halos["ids"] = np.unique(seg[core.relative_to(region)])
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **halos)
+    put_atomic(f"file://{Markers(config.output).root / 'halos'}", f"{index}.npz", buffer.getvalue())
+    Markers(config.output).mark("agglomerate", index)
+    return index
+
+
+def relabel_block(
+    config_json: str,
+    index: int,
+    box_list: list[int],
+    blocks_url: str,
+    seg_url: str,
+    mapping_ref: Any,
+) -> int:
+    config = SegmentConfig.model_validate_json(config_json)
+    core = Box.from_list(box_list)
+    keys, values = mapping_ref
+    labels = open_volume(blocks_url).read(core)
+    lookup = dict(zip(keys.tolist(), values.tolist(), strict=True))
+    lookup[0] = 0
+    relabelled = fastremap.remap(labels, lookup, preserve_missing_labels=False, in_place=False)
+    open_volume(seg_url, "r+").write(core, relabelled)
+    Markers(config.output).mark("relabel", index)
+    return index
+
+
+def threshold_block(
+    config_json: str, index: int, box_list: list[int], probs_url: str, seg_url: str
+) -> int:
+    config = SegmentConfig.model_validate_json(config_json)
+    core = Box.from_list(box_list)
+    probs = open_volume(probs_url).read(core)
+    open_volume(seg_url, "r+").write(core, (probs > config.threshold * 255).astype(np.uint8))
+    Markers(config.output).mark("threshold", index)
+    return index
+
+
+# ---------------------------------------------------------------------- stitching
+def stitch(output: str, blocks: list[Box], blocks_url: str) -> tuple[np.ndarray, np.ndarray]:
+    """Merge segments across block faces; returns (block ids, final consecutive ids)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    labelled = open_volume(blocks_url)
+    halo_dir = Markers(output).root / "halos"
+    pairs = []
+    ids: set[int] = set()
+    for index, _ in enumerate(blocks):
+        with np.load(halo_dir / f"{index}.npz") as halos:
+            for axis in range(3):
+                if f"{axis}" not in halos:
+                    continue
+                theirs = halos[f"{axis}"]
+                slab = Box.from_list(halos[f"{axis}_box"].tolist())
+                ours = labelled.read(slab)
+                pairs.append(_majority_pairs(theirs, ours))
+            ids.update(halos["ids"].tolist())
+    ids.discard(0)
+    all_ids = np.asarray(sorted(ids), dtype=np.uint64)
+    position = {int(v): i for i, v in enumerate(all_ids)}
+    edges = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64)
+    edges = np.asarray(
+        [
+            (position[int(a)], position[int(b)])
+            for a, b in edges
+            if int(a) in position and int(b) in position
+        ],
+        dtype=np.int64,
+    ).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(all_ids),) * 2)
+    _, component = connected_components(graph, directed=False)
+    return all_ids, (component + 1).astype(np.uint64)
+
+
+def _majority_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairs (id in a, id in b) that are each other's largest overlap (both non-zero)."""
+    both = (a != 0) & (b != 0)
+    if not both.any():
+        return np.zeros((0, 2), np.uint64)
+    pairs, counts = np.unique(np.stack([a[both], b[both]], axis=1), axis=0, return_counts=True)
+    best_for_a: dict[int, tuple[int, int]] = {}
+    best_for_b: dict[int, tuple[int, int]] = {}
+    for (x, y), n in zip(pairs.tolist(), counts.tolist(), strict=True):
+        if n > best_for_a.get(x, (0, 0))[0]:
+            best_for_a[x] = (n, y)
+        if n > best_for_b.get(y, (0, 0))[0]:
+            best_for_b[y] = (n, x)
+    mutual = [(x, y) for x, (_, y) in best_for_a.items() if best_for_b.get(y, (0, None))[1] == x]
+    return np.asarray(mutual, dtype=np.uint64).reshape(-1, 2)
+
+
+# ---------------------------------------------------------------------- the driver
+def _run_stage(
+    name: str,
+    blocks: list[Box],
+    markers: Markers,
+    submit: Callable[[int, Box], Any],
+    progress: bool,
+) -> StageReport:
+    started = time.perf_counter()
+    todo = [i for i in range(len(blocks)) if not markers.done(name, i)]
+    refs = {submit(i, blocks[i]): i for i in todo}
+    failures: dict[int, str] = {}
+    with tqdm(total=len(todo), desc=name, unit="block", disable=not progress) as bar:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except Exception as err:  # collect every failure, then fail loudly
+                failures[refs[ready[0]]] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            bar.update(1)
+    if failures:
+        first = next(iter(failures.values()))
+        raise NeurorayError(
+            f"{len(failures)} of {len(blocks)} blocks failed in stage {name!r} "
+            f"(blocks {sorted(failures)}; first: {first}). Finished blocks are kept: rerun the "
+            "same command to do only the missing ones."
+        )
+    return StageReport(name, len(todo), len(blocks) - len(todo), time.perf_counter() - started)
+
+
+def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
+    """Run the stages of the module docstring; returns the layers written and per-stage counts."""
+    from neuroray.runtime import connect
+
+    if config.affinities is None and (config.checkpoint is None or config.image is None):
+        raise NeurorayError("segment needs checkpoint + image, or an existing affinities layer")
+    connect(
+        config.ray.address, num_cpus=config.ray.num_cpus, object_store_mb=config.ray.object_store_mb
+    )
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    markers = Markers(str(out))
+    config_json = config.model_dump_json()
+    stages: list[StageReport] = []
+    layers: dict[str, str] = {}
+    task_options = {"num_cpus": config.cpus_per_task, "max_retries": 0}
+
+    if config.affinities is None:
+        model, job = load_segmenter(config.checkpoint)
+        task = config.task or job.task
+        image = open_volume(config.image)
+        bounds = _bounds(config, image.bounds)
+        blocks = _blocks(bounds, config.block_shape)
+        pred_name = "affinities" if task == "em" else "probabilities"
+        pred_url = str(out / pred_name)
+        _ensure_layer(
+            pred_url,
+            image,
+            config.block_shape,
+            "uint8",
+            job.out_channels,
+            "image",
+            config.overwrite,
+        )
+        weights_ref = ray.put((model, job))
+        remote = ray.remote(predict_block).options(**task_options)
+        stages.append(
+            _run_stage(
+                "predict",
+                blocks,
+                markers,
+                lambda i, b: remote.remote(config_json, weights_ref, i, b.to_list(), pred_url),
+                progress,
+            )
+        )
+        layers[pred_name] = pred_url
+        reference = image
+    else:
+        task = "em"
+        pred_url = config.affinities
+        reference = open_volume(pred_url)
+        bounds = _bounds(config, reference.bounds)
+        blocks = _blocks(bounds, config.block_shape)
+        layers["affinities"] = pred_url
+
+    seg_url = str(out / "segmentation")
+    if task == "em":
+        blocks_url = str(out / "blocks")
+        _ensure_layer(
+            blocks_url, reference, config.block_shape, "uint64", 1, "segmentation", config.overwrite
+        )
+        remote = ray.remote(agglomerate_block).options(**task_options)
+        stages.append(
+            _run_stage(
+                "agglomerate",
+                blocks,
+                markers,
+                lambda i, b: remote.remote(
+                    config_json, i, b.to_list(), pred_url, blocks_url, bounds.to_list()
+                ),
+                progress,
+            )
+        )
+        t0 = time.perf_counter()
+        mapping_path = markers.root / "mapping.npz"
+        if not mapping_path.exists():
+            keys, values = stitch(str(out), blocks, blocks_url)
+            buffer = io.BytesIO()
+            np.savez(buffer, keys=keys, values=values)
+            put_atomic(f"file://{markers.root}", "mapping.npz", buffer.getvalue())
+        with np.load(mapping_path) as saved:
+            mapping_ref = ray.put((saved["keys"], saved["values"]))
+        stages.append(StageReport("stitch", 1, 0, time.perf_counter() - t0))
+        _ensure_layer(
+            seg_url, reference, config.block_shape, "uint64", 1, "segmentation", config.overwrite
+        )
+        remote = ray.remote(relabel_block).options(**task_options)
+        stages.append(
+            _run_stage(
+                "relabel",
+                blocks,
+                markers,
+                lambda i, b: remote.remote(
+                    config_json, i, b.to_list(), blocks_url, seg_url, mapping_ref
+                ),
+                progress,
+            )
+        )
+    else:
+        _ensure_layer(
+            seg_url, reference, config.block_shape, "uint8", 1, "segmentation", config.overwrite
+        )
+        remote = ray.remote(threshold_block).options(**task_options)
+        stages.append(
+            _run_stage(
+                "threshold",
+                blocks,
+                markers,
+                lambda i, b: remote.remote(config_json, i, b.to_list(), pred_url, seg_url),
+                progress,
+            )
+        )
+    layers["segmentation"] = seg_url
+    return SegmentResult(str(out), layers, stages, bounds.size)
+
+
+def _bounds(config: SegmentConfig, volume_bounds: Box) -> Box:
+    if config.roi is None:
+        return volume_bounds
+    roi = Box.from_list(config.roi).intersect(volume_bounds)
+    if roi.empty or any(a % b for a, b in zip(roi.start, config.block_shape, strict=True)):
+        raise NeurorayError(
+            f"roi {Box.from_list(config.roi)} must lie in the volume {volume_bounds} and start at "
+            f"a multiple of block_shape {config.block_shape} (output chunks are blocks)"
+        )
+    return roi
+
+
+def _ensure_layer(
+    url: str,
+    like: Any,
+    block_shape: Sequence[int],
+    dtype: str,
+    channels: int,
+    layer_type: str,
+    overwrite: bool,
+) -> None:
+    """Create an output layer shaped like the input (one chunk per block) unless resuming."""
+    try:
+        existing = open_volume(url)
+    except NeurorayError:
+        existing = None
+    if existing is not None and not overwrite:
+        if existing.shape != like.shape or existing.num_channels != channels:
+            raise NeurorayError(
+                f"{url} exists with another shape; use a new output or overwrite=true"
+            )
+        return
+    create_volume(
+        url,
+        shape=like.shape,
+        dtype=dtype,
+        chunk_shape=block_shape,
+        voxel_size=like.voxel_size,
+        layer_type=layer_type,
+        num_channels=channels,
+        overwrite=True,
+        format="precomputed",
+    )

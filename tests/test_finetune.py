@@ -1,0 +1,112 @@
+"""Fine-tuning on Ray Train, then blockwise segmentation and evaluation of the result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from neuroray.cli import main
+from neuroray.config import validate
+from neuroray.errors import ConfigError
+from neuroray.platform.ingest import ingest
+from neuroray.platform.volume import create_volume, open_volume
+from neuroray.segmentation.blockwise import SegmentConfig, segment
+from neuroray.trainers.finetune import FinetuneJob, binary_targets, em_targets, finetune
+from neuroray.trainers.loop import load_model_checkpoint
+
+TINY_ENCODER = {"size": None, "width": 48, "depth": 2, "heads": 2, "img_size": [16, 64, 64],
+                "pos_embed": "learned"}
+
+
+def _job(tmp_path, task, image, labels, roi, val_roi, steps=12, **extra):
+    return validate(FinetuneJob, {
+        "task": task,
+        "data": {"image": image, "labels": labels, "num_servers": 1, "cache_mb": 64,
+                 "sampler": {"crop_shape": [16, 64, 64], "roi": roi}, "augment": "em"},
+        "model": {"encoder": TINY_ENCODER, "feature_size": 8, **extra},
+        "validation": {"roi": val_roi, "thresholds": [0.3, 0.5, 0.7]},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "run": {"name": f"ft_{task}", "storage_path": str(tmp_path / "runs"), "steps": steps,
+                "batch_size": 2, "checkpoint_every": steps, "report_every": 6},
+    })
+
+
+@pytest.fixture(scope="module")
+def gala_layers(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gala_ft")
+    urls = {}
+    for name in ("raw", "labels"):
+        urls[name] = str(root / name)
+        ingest(f"{data_dir}/em/fib_gala_train.h5#{name}", urls[name], chunk_shape=(25, 50, 100),
+               progress=False)
+    return urls
+
+
+def test_targets_have_the_documented_shapes(data_dir):
+    from neuroray.trainers.finetune import TargetSettings
+
+    labels = open_volume(f"{data_dir}/em/fib_gala_train.h5#labels")[:16, :64, :64]
+    affs, weights = em_targets(labels, TargetSettings())
+    assert affs.shape == weights.shape == (3, 16, 64, 64)
+    assert set(np.unique(affs)) <= {0.0, 1.0}
+    assert (weights[0, 0] == 0).all()  # the first z slice has no z neighbour
+    assert (weights[1, :, 0] == 0).all() and (weights[2, :, :, 0] == 0).all()
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    target, w = binary_targets(labels == ids[np.argmax(counts)], balance=True)  # > 1% foreground
+    positive = target[0] > 0
+    assert w[0][positive].sum() == pytest.approx(w[0][~positive].sum(), rel=1e-3)
+
+
+def test_em_finetune_segment_evaluate(ray_session, gala_layers, tmp_path):
+    job = _job(tmp_path, "em", gala_layers["raw"], gala_layers["labels"],
+               roi=[0, 0, 0, 34, 100, 200], val_roi=[34, 0, 0, 50, 100, 200])
+    result = finetune(job)
+    metrics = result.metrics
+    assert metrics["step"] == 12
+    for key in ("val_voi", "val_voi_split", "val_voi_merge", "val_arand", "val_threshold"):
+        assert np.isfinite(metrics[key]), key
+    checkpoint = load_model_checkpoint(result.checkpoint.path)
+    assert checkpoint["kind"] == "finetune_em"
+    assert any(k.startswith("encoder.blocks.") for k in checkpoint["state_dict"])
+
+    out = tmp_path / "seg"
+    seg = segment(SegmentConfig(checkpoint=result.checkpoint.path, image=gala_layers["raw"],
+                                output=str(out), block_shape=(25, 50, 100), threshold=0.5),
+                  progress=False)
+    assert [s.stage for s in seg.stages] == ["predict", "agglomerate", "stitch", "relabel"]
+    affs = open_volume(seg.layers["affinities"])
+    assert affs.num_channels == 3 and affs.shape == (50, 100, 200)
+    labels = open_volume(seg.layers["segmentation"])[:]
+    assert labels.max() > 1
+
+    assert main(["evaluate", seg.layers["segmentation"], gala_layers["labels"],
+                 "--image", gala_layers["raw"], "--out", str(tmp_path / "eval")]) == 0
+    scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert scores["voi"] > 0 and 0 <= scores["arand"] <= 1
+    assert (tmp_path / "eval" / "preview.png").stat().st_size > 1000
+
+
+def test_mito_finetune_reports_dice(ray_session, data_dir, tmp_path):
+    source = f"{data_dir}/em/vnc_stack1_mito.h5"
+    urls = {}
+    for name in ("raw", "mitochondria"):
+        data = open_volume(f"{source}#{name}")[0:20, 256:448, 256:448]
+        url = f"{tmp_path}/mito.h5#{name}"
+        create_volume(url, shape=data.shape, dtype=data.dtype, chunk_shape=(4, 64, 64),
+                      voxel_size=(50, 4.6, 4.6)).write(open_volume(url).bounds, data)
+        urls[name] = url
+    job = _job(tmp_path, "mito", urls["raw"], urls["mitochondria"],
+               roi=[0, 0, 0, 16, 192, 192], val_roi=[16, 0, 0, 20, 192, 192], steps=8)
+    metrics = finetune(job).metrics
+    assert 0.0 <= metrics["val_dice"] <= 1.0 and 0.0 <= metrics["val_iou"] <= 1.0
+
+
+def test_finetune_config_errors(gala_layers):
+    with pytest.raises(ConfigError, match="needs data.labels"):
+        validate(FinetuneJob, {"data": {"image": gala_layers["raw"]}})
+    with pytest.raises(ConfigError, match="model.init"):
+        validate(FinetuneJob, {"data": {"image": "a", "labels": "b",
+                                        "sampler": {"crop_shape": [32, 160, 160]}},
+                               "model": {"init": "imagenet"}})
