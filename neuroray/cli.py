@@ -149,6 +149,12 @@ def cmd_job(args: argparse.Namespace) -> None:
     _report_training(module.run_job(_load_job(module.JOB_CLASS, args)))
 
 
+def cmd_pretrain_2d(args: argparse.Namespace) -> None:
+    from neuroray.models import pretrain2d
+
+    print(pretrain2d.run_job(_load_job(pretrain2d.JOB_CLASS, args)).summary())
+
+
 def cmd_segment(args: argparse.Namespace) -> None:
     from neuroray.segmentation.blockwise import SegmentConfig, segment
 
@@ -233,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
         task.set_defaults(
             func=cmd_job, job_module="neuroray.trainers.finetune", fixed_overrides=[f"task={name}"]
         )
+
+    models = commands.add_parser("models", help="model utilities")
+    model_commands = models.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    pretrain_2d = model_commands.add_parser(
+        "pretrain-2d",
+        help="pretrain a small 2D ViT on scikit-image's bundled photographs (offline stand-in "
+        "for natural-image weights; use as finetune model.init=file:...)",
+    )
+    _add_job_arguments(pretrain_2d, config_required=False)
+    pretrain_2d.set_defaults(func=cmd_pretrain_2d)
 
     seg = commands.add_parser(
         "segment", help="blockwise prediction + agglomeration of a whole volume on Ray"

@@ -78,7 +78,7 @@ def stage_serve(run: DemoRun) -> str:
     from neuroray.preview import grid, overlay, save_png
     from neuroray.runtime import connect
 
-    connect(run.address)
+    connect(run.address, log_to_driver=False)
     pool = ServerPool(
         {"image": run.urls["em_raw"], "labels": run.urls["em_labels"]}, num_servers=2, cache_mb=64
     )
@@ -104,10 +104,210 @@ def stage_serve(run: DemoRun) -> str:
     return f"{served} crops from 2 chunk servers (augmented) -> {path}"
 
 
+DEMO_CROP = [16, 64, 64]
+DEMO_ENCODER = {"size": None, "width": 96, "depth": 4, "heads": 3, "img_size": DEMO_CROP}
+TRAIN_ROI = [0, 0, 0, 34, 192, 192]  # fine-tuning crops come from z < 34
+VALID_ROI = [34, 0, 0, 48, 192, 192]  # threshold chosen here; segmentation scored here too
+
+
+def stage_pretrain(run: DemoRun) -> str:
+    from neuroray.config import validate
+    from neuroray.trainers.pretrain import PretrainJob, pretrain
+
+    job = validate(
+        PretrainJob,
+        {
+            "data": {
+                "image": run.urls["em_raw"],
+                "sampler": {"crop_shape": DEMO_CROP},
+                "augment": "em",
+                "num_servers": 2,
+                "cache_mb": 64,
+            },
+            "model": {
+                "encoder": DEMO_ENCODER,
+                "decoder_width": 64,
+                "decoder_depth": 2,
+                "decoder_heads": 4,
+            },
+            "masking": {"name": "random", "ratio": 0.75},
+            "optim": {"lr": 1e-3, "warmup_steps": 10},
+            "run": {
+                "name": "demo_pretrain_mae",
+                "storage_path": str(run.out / "runs"),
+                "steps": 60,
+                "batch_size": 4,
+                "checkpoint_every": 60,
+                "report_every": 20,
+                "preview_every": 60,
+            },
+        },
+    )
+    result = pretrain(job)
+    run.urls["pretrain_checkpoint"] = result.checkpoint.path
+    run.results["pretrain"] = {
+        k: result.metrics[k] for k in ("loss", "mask_ratio", "samples_per_s")
+    }
+    return f"MAE loss {result.metrics['loss']:.3f} after 60 steps -> {result.checkpoint.path}"
+
+
+def stage_finetune(run: DemoRun) -> str:
+    from neuroray.config import validate
+    from neuroray.trainers.finetune import FinetuneJob, finetune
+
+    job = validate(
+        FinetuneJob,
+        {
+            "task": "em",
+            "data": {
+                "image": run.urls["em_raw"],
+                "labels": run.urls["em_labels"],
+                "sampler": {"crop_shape": DEMO_CROP, "roi": TRAIN_ROI},
+                "augment": "em",
+                "num_servers": 2,
+                "cache_mb": 64,
+            },
+            "model": {
+                "encoder": {**DEMO_ENCODER, "pos_embed": "learned"},
+                "feature_size": 16,
+                "init": f"checkpoint:{run.urls['pretrain_checkpoint']}",
+            },
+            "targets": {"grow_boundary": 1},
+            "validation": {"roi": VALID_ROI},
+            "optim": {"lr": 1e-3, "warmup_steps": 10},
+            "run": {
+                "name": "demo_finetune_em",
+                "storage_path": str(run.out / "runs"),
+                "steps": 150,
+                "batch_size": 4,
+                "checkpoint_every": 150,
+                "report_every": 25,
+                "preview_every": 75,
+            },
+        },
+    )
+    result = finetune(job)
+    metrics = result.metrics
+    run.urls["finetune_checkpoint"] = result.checkpoint.path
+    run.results["finetune_validation"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
+    return (
+        f"UNETR affinities, validation VOI {metrics['val_voi']:.3f} (split "
+        f"{metrics['val_voi_split']:.3f}, merge {metrics['val_voi_merge']:.3f}), ARAND "
+        f"{metrics['val_arand']:.3f} at waterz threshold {metrics['val_threshold']}"
+    )
+
+
+def stage_segment(run: DemoRun) -> str:
+    from neuroray.segmentation.blockwise import SegmentConfig, segment
+
+    threshold = run.results["finetune_validation"]["val_threshold"]
+    result = segment(
+        SegmentConfig(
+            checkpoint=run.urls["finetune_checkpoint"],
+            image=run.urls["em_raw"],
+            output=str(run.out / "segmentation" / "em"),
+            block_shape=(16, 96, 96),
+            threshold=threshold,
+        ),
+        progress=False,
+    )
+    run.urls.update({f"em_{name}": url for name, url in result.layers.items()})
+    seconds = sum(s.seconds for s in result.stages)
+    return f"{result.voxels / 1e6:.1f} Mvoxels in {len(result.stages)} stages ({result.voxels / seconds / 1e3:.0f} kvoxels/s) -> {result.output}"
+
+
+def stage_evaluate(run: DemoRun) -> str:
+    from neuroray.segmentation.evaluate import evaluate_layers
+
+    report = evaluate_layers(
+        run.urls["em_segmentation"],
+        run.urls["em_labels"],
+        roi=tuple(VALID_ROI),
+        image=run.urls["em_raw"],
+        out=str(run.out / "evaluation" / "em"),
+    )
+    run.results["evaluate_em"] = report.metrics
+    run.urls["em_preview_png"] = report.files["preview"]
+    m = report.metrics
+    return (
+        f"held-out slab: VOI split {m['voi_split']:.3f} merge {m['voi_merge']:.3f}, ARAND "
+        f"{m['arand']:.3f}, CREMI score {m['cremi_score']:.3f} -> {report.files['preview']}"
+    )
+
+
+def stage_light_microscopy(run: DemoRun) -> str:
+    """2D natural-image ViT -> 3D encoder (center inflation) -> LM neuron masks -> Dice."""
+    from neuroray.config import validate
+    from neuroray.models.pretrain2d import pretrain_2d
+    from neuroray.platform.lm_data import prepare_lm_stack
+    from neuroray.trainers.finetune import FinetuneJob, finetune
+
+    vit2d = pretrain_2d(
+        output=str(run.out / "runs" / "vit2d"),
+        steps=60,
+        batch_size=16,
+        width=96,
+        depth=4,
+        heads=3,
+        progress=False,
+    )
+    layers = prepare_lm_stack(
+        run.urls["lm_image_source"],
+        run.urls["lm_swc_source"],
+        run.out / "layers" / "lm_train",
+        radius_floor_px=1.5,
+    )
+    job = validate(
+        FinetuneJob,
+        {
+            "task": "lm",
+            "data": {
+                "image": layers["image"],
+                "labels": layers["labels"],
+                "augment": "lm",
+                "sampler": {
+                    "crop_shape": DEMO_CROP,
+                    "roi": [0, 0, 0, 32, 160, 160],
+                    "min_foreground": 0.001,
+                },
+                "num_servers": 1,
+                "cache_mb": 64,
+            },
+            "model": {
+                "encoder": {**DEMO_ENCODER, "pos_embed": "learned"},
+                "feature_size": 16,
+                "init": vit2d.source,
+                "inflate": "center",
+            },
+            "validation": {"roi": [32, 0, 0, 48, 160, 160]},
+            "optim": {"lr": 1e-3, "warmup_steps": 10},
+            "run": {
+                "name": "demo_finetune_lm",
+                "storage_path": str(run.out / "runs"),
+                "steps": 80,
+                "batch_size": 4,
+                "checkpoint_every": 80,
+                "report_every": 20,
+            },
+        },
+    )
+    metrics = finetune(job).metrics
+    run.results["lm_validation"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
+    return (
+        f"2D ViT (natural photos, loss {vit2d.losses[-1]:.3f}) inflated to 3D, LM neuron Dice "
+        f"{metrics['val_dice']:.3f} / IoU {metrics['val_iou']:.3f} on the held-out slab"
+    )
+
+
 STAGES: list[tuple[str, Stage]] = [
     ("synthesise", stage_synthesise),
     ("ingest", stage_ingest),
     ("serve", stage_serve),
+    ("pretrain", stage_pretrain),
+    ("finetune", stage_finetune),
+    ("segment", stage_segment),
+    ("evaluate", stage_evaluate),
+    ("lm", stage_light_microscopy),
 ]
 
 

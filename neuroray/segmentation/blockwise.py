@@ -121,7 +121,7 @@ def load_segmenter(checkpoint: str) -> tuple[Any, Any]:
         )
     job = FinetuneJob.model_validate_json(state["job"])
     job = job.model_copy(update={"model": job.model.model_copy(update={"init": "scratch"})})
-    model, _ = build_segmenter(job)
+    model, _, _ = build_segmenter(job)
     model.load_state_dict(state["state_dict"])
     model.eval()
     return model, job

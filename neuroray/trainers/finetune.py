@@ -126,8 +126,9 @@ def encoder_config_from_checkpoint(path: str, img_size: tuple[int, int, int]) ->
     return ViTConfig.model_validate({**encoder, "img_size": list(img_size)})
 
 
-def build_segmenter(job: FinetuneJob) -> tuple[UNETR, str]:
-    """The UNETR of a job with its encoder initialised; returns it with a one-line report."""
+def build_segmenter(job: FinetuneJob) -> tuple[UNETR, str, ViTConfig]:
+    """The UNETR of a job with its encoder initialised, a one-line report, and the encoder's
+    actual architecture (from the checkpoint or 2D model when initialised from one)."""
     model_cfg = job.model
     kind, _, source = model_cfg.init.partition(":")
     if kind == "checkpoint":
@@ -138,6 +139,7 @@ def build_segmenter(job: FinetuneJob) -> tuple[UNETR, str]:
             encoder, checkpoint["state_dict"], prefix=checkpoint["encoder_prefix"]
         )
         note = f"encoder from {checkpoint['kind']} checkpoint step {checkpoint['step']}: {report.summary()}"
+        model_cfg = model_cfg.model_copy(update={"encoder": encoder_cfg})
     elif kind in ("timm", "file"):
         from neuroray.models.transfer import encoder_from_2d
 
@@ -148,6 +150,7 @@ def build_segmenter(job: FinetuneJob) -> tuple[UNETR, str]:
             inflate=model_cfg.inflate,
         )
         note = f"encoder inflated ({model_cfg.inflate}) from {model_cfg.init}: {transfer.summary()}"
+        model_cfg = model_cfg.model_copy(update={"encoder": transfer.config})
     else:
         encoder = build_vit3d(model_cfg.encoder)
         note = "encoder from scratch"
@@ -157,7 +160,7 @@ def build_segmenter(job: FinetuneJob) -> tuple[UNETR, str]:
         skip_connections=model_cfg.skip_connections,
         feature_size=model_cfg.feature_size,
     )
-    return model, note
+    return model, note, model_cfg.encoder
 
 
 # ---------------------------------------------------------------------- targets
@@ -198,7 +201,11 @@ class SegmentationTask(TrainTask):
         return f"finetune_{self.job.task}"
 
     def build_model(self) -> nn.Module:
-        model, note = build_segmenter(self.job)
+        model, note, encoder = build_segmenter(self.job)
+        # checkpoints record the architecture actually built, so they reload without the source
+        self.job = self.job.model_copy(
+            update={"model": self.job.model.model_copy(update={"encoder": encoder})}
+        )
         if self.worker.is_chief:
             print(f"[neuroray] {note}", flush=True)
         return model
