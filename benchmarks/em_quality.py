@@ -60,7 +60,7 @@ def pretrain_mae(urls: dict[str, str], out: Path, steps: int, seed: int) -> str:
                  "augment": "em", "num_servers": 1},
         "model": {"encoder": ENCODER, "decoder_width": 128, "decoder_depth": 2, "decoder_heads": 4},
         "masking": {"name": "random", "ratio": 0.75},
-        "optim": {"lr": 1e-3, "warmup_steps": 50},
+        "optim": {"lr": 3e-4, "warmup_steps": 100},
         "run": {"name": f"mae_s1_seed{seed}", "storage_path": str(out / "runs"), "steps": steps,
                 "batch_size": 8, "checkpoint_every": steps, "report_every": 50, "seed": seed},
     })
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("NEURORAY_DATA", "../shared/data"))
     parser.add_argument("--out", default="runs/em_quality")
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps (batch 4)")
-    parser.add_argument("--pretrain-steps", type=int, default=1500, help="MAE steps (batch 8)")
+    parser.add_argument("--pretrain-steps", type=int, default=3000, help="MAE steps (batch 8)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", default=["scratch", "mae"])
     parser.add_argument("--pretrained", nargs="*", default=[], metavar="NAME=CHECKPOINT")
