@@ -206,7 +206,7 @@ def stage_segment(run: DemoRun) -> str:
             checkpoint=run.urls["finetune_checkpoint"],
             image=run.urls["em_raw"],
             output=str(run.out / "segmentation" / "em"),
-            block_shape=(16, 96, 96),
+            block_shape=(48, 96, 96),
             threshold=threshold,
         ),
         progress=False,
