@@ -7,7 +7,8 @@ raw+gzip chunks. (a) the ServerPool serves batches of 16 crops with 4 batches in
 training path: each crop ends in the consumer's process); (b) CloudVolume reads each crop
 straight from the layer, no cache; (c) numpy slices an in-memory array and copies the crop (the
 ceiling). Each server's peak RSS is printed beside its cache budget; the fixed overhead is the
-RSS of an idle ChunkServer process (Python, numpy, CloudVolume, Ray worker).
+private memory (USS) of an idle ChunkServer process (Python, numpy, CloudVolume, Ray worker);
+USS excludes the shared object store pages a server maps, which RSS would count.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ def bench_cloudvolume(url, boxes):
     return rate(len(boxes), time.perf_counter() - t0)
 
 
-def bench_pool(url, boxes, num_servers, cache_mb):
+def bench_pool(url, boxes, num_servers, cache_mb, mode):
     from neuroray.platform.server import ServerPool
 
-    pool = ServerPool({"image": url}, num_servers=num_servers, cache_mb=cache_mb, preload=True)
+    pool = ServerPool({"image": url}, num_servers=num_servers, cache_mb=cache_mb, preload=True, mode=mode)
     try:
         batches = [boxes[i : i + 16] for i in range(0, len(boxes), 16)]
         for _ in pool.stream(batches[:4]):  # warm up the call path
@@ -77,7 +78,7 @@ def idle_server_rss(url: str) -> int:
     from neuroray.platform.server import ChunkServer
 
     server = ray.remote(ChunkServer).remote({"image": url}, [], 1)
-    rss = ray.get(server.stats.remote())["rss_bytes"]
+    rss = ray.get(server.stats.remote())["private_bytes"]
     ray.kill(server)
     return rss
 
@@ -103,8 +104,10 @@ def main() -> None:
         rows = {"numpy slice + copy (ceiling)": bench_numpy(array, boxes)}
         rows["CloudVolume per crop (no cache)"] = bench_cloudvolume(url, cv_boxes)
         memory = {}
-        for n in (1, 2):
-            rows[f"ServerPool, {n} server{'s' * (n > 1)}"], memory[n] = bench_pool(url, boxes, n, args.cache_mb)
+        for mode in ("chunks", "crops"):
+            for n in (1, 2):
+                key = f"ServerPool, {n} server{'s' * (n > 1)}, mode={mode}"
+                rows[key], memory[key] = bench_pool(url, boxes, n, args.cache_mb, mode)
         overhead = idle_server_rss(url)
 
     ceiling, direct = rows["numpy slice + copy (ceiling)"], rows["CloudVolume per crop (no cache)"]
@@ -114,12 +117,15 @@ def main() -> None:
     for name, value in rows.items():
         print(f"| {name} | {value:,.0f} | {value / direct:.1f} | {value / ceiling:.2f} |")
     budget = args.cache_mb * 2**20
-    print(f"\nidle ChunkServer RSS (fixed overhead): {overhead / 2**20:.0f} MiB; cache budget per server {args.cache_mb:.0f} MiB")
-    for n, stats in memory.items():
+    print(f"\nidle ChunkServer private memory (fixed overhead): {overhead / 2**20:.0f} MiB; "
+          f"cache budget per server {args.cache_mb:.0f} MiB (chunks mode: in the shared object store)")
+    print("| pool | server | peak private MiB | over idle | heap cache MiB | shared cache MiB |")
+    print("|---|---|---:|---:|---:|---:|")
+    for key, stats in memory.items():
         for i, s in enumerate(stats):
-            peak = s["peak_rss_bytes"]
-            print(f"  {n} server(s), server {i}: peak RSS {peak / 2**20:.0f} MiB, cached {s['cached_bytes'] / 2**20:.0f} MiB, "
-                  f"peak - overhead = {(peak - overhead) / 2**20:.0f} MiB (budget {budget / 2**20:.0f} MiB)")
+            peak = s["peak_private_bytes"]
+            print(f"| {key} | {i} | {peak / 2**20:.0f} | {(peak - overhead) / 2**20:.0f} | "
+                  f"{s['heap_cached_bytes'] / 2**20:.0f} | {s['shared_cached_bytes'] / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from neuroray.errors import ConfigError, VolumeError
 from neuroray.platform.box import Box, chunk_grid, chunks_touching
 from neuroray.platform.ingest import ingest, read_manifest
 from neuroray.platform.sampler import CropDataset, CropSampler
-from neuroray.platform.server import ChunkCache, ServerPool, plan_shards
+from neuroray.platform.server import ChunkCache, ServerPool, plan_shards, serving_blocks
 from neuroray.platform.volume import open_volume
 
 CHUNKS = (16, 32, 64)
@@ -29,10 +29,10 @@ def gala(data_dir, tmp_path_factory):
     return layers, arrays
 
 
-@pytest.fixture(scope="module")
-def pool(ray_session, gala):
+@pytest.fixture(scope="module", params=["chunks", "crops"])
+def pool(request, ray_session, gala):
     layers, _ = gala
-    pool = ServerPool(layers, num_servers=2, cache_mb=4)
+    pool = ServerPool(layers, num_servers=2, cache_mb=4, mode=request.param, block_shape=CHUNKS)
     yield pool
     pool.shutdown()
 
@@ -50,8 +50,31 @@ def test_shard_plan_is_balanced_contiguous_and_complete():
     assert max(b.start[0] for b in two[0]) < min(b.start[0] for b in two[1])
 
 
+def test_serving_blocks_group_whole_chunks():
+    assert serving_blocks((64, 64, 64), (250, 250, 250)) == (64, 256, 256)
+    assert serving_blocks((16, 32, 64), (50, 100, 200)) == (64, 128, 256)  # not past the volume
+    assert serving_blocks((4, 128, 128), (20, 1024, 1024)) == (20, 256, 256)
+    with pytest.raises(VolumeError, match="multiple of the layer's chunks"):
+        serving_blocks((16, 32, 64), (50, 100, 200), (16, 48, 64))
+
+
+def test_default_blocks_serve_exact_crops(ray_session, gala):
+    layers, arrays = gala
+    pool = ServerPool(layers, num_servers=1, cache_mb=16)
+    try:
+        assert pool.chunk_shape == (64, 128, 256)
+        crop = Box((3, 5, 7), (35, 77, 199))
+        np.testing.assert_array_equal(
+            pool.get_crops([crop])["labels"][0], arrays["labels"][crop.slices]
+        )
+    finally:
+        pool.shutdown()
+
+
 def test_lru_respects_its_budget():
     cache = ChunkCache(budget_bytes=3000)
+    cache.put("big", np.zeros(4000, np.uint8))
+    assert cache.get("big") is None and cache.bytes == 0  # over budget: served, not cached
     for i in range(10):
         cache.put(i, np.zeros(1000, np.uint8))
         assert cache.bytes <= 3000
@@ -78,8 +101,13 @@ def test_crops_equal_the_source_inside_across_chunks_and_shards(pool, gala):
     routed = {pool.owner_of(Box((0, 0, 0), (8, 8, 8))), pool.owner_of(Box((42, 0, 0), (50, 8, 8)))}
     assert routed == {0, 1}
     stats = pool.server_stats()
-    assert sum(s["borrowed_reads"] for s in stats) > 0  # the cross-shard crop read rims itself
-    assert all(s["cached_bytes"] <= s["budget_bytes"] for s in stats)
+    if pool.mode == "crops":  # the cross-shard crop's owner read the other shard's rim itself
+        assert sum(s["borrowed_reads"] for s in stats) > 0
+    else:  # every chunk was asked of its owner and decoded once
+        assert sum(s["borrowed_reads"] for s in stats) == 0
+        assert sum(s["reads"] for s in stats) <= 2 * len(list(chunk_grid(pool.bounds, CHUNKS)))
+    assert all(s["shared_cached_bytes"] <= s["budget_bytes"] for s in stats)
+    assert all(s["heap_cached_bytes"] <= s["budget_bytes"] for s in stats)
 
 
 def test_mixed_batches_keep_request_order(pool, gala):
@@ -165,9 +193,18 @@ def test_resumed_dataset_continues_the_same_stream(pool):
     assert head + tail == full
 
 
-def test_killed_server_loses_and_duplicates_nothing(ray_session, gala):
+@pytest.mark.parametrize("mode", ["chunks", "crops"])
+def test_killed_server_loses_and_duplicates_nothing(ray_session, gala, mode):
     layers, arrays = gala
-    pool = ServerPool(layers, num_servers=2, cache_mb=4, max_restarts=3)
+    pool = ServerPool(
+        layers,
+        num_servers=2,
+        cache_mb=4,
+        max_restarts=3,
+        mode=mode,
+        client_cache_mb=1,
+        block_shape=CHUNKS,
+    )
     try:
         sampler = CropSampler(pool.bounds, (8, 32, 32), seed=11)
         expected = [next(b) for b in [sampler.boxes(0, 0)] for _ in range(60)]
