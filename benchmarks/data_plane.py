@@ -27,7 +27,10 @@ def random_boxes(shape, n, seed=0):
     from neuroray.platform.box import Box
 
     rng = np.random.default_rng(seed)
-    return [Box.from_shape(CROP, [rng.integers(0, s - c + 1) for s, c in zip(shape, CROP, strict=True)]) for _ in range(n)]
+    return [
+        Box.from_shape(CROP, [rng.integers(0, s - c + 1) for s, c in zip(shape, CROP, strict=True)])
+        for _ in range(n)
+    ]
 
 
 def rate(n: int, seconds: float) -> float:
@@ -56,7 +59,9 @@ def bench_cloudvolume(url, boxes):
 def bench_pool(url, boxes, num_servers, cache_mb, mode):
     from neuroray.platform.server import ServerPool
 
-    pool = ServerPool({"image": url}, num_servers=num_servers, cache_mb=cache_mb, preload=True, mode=mode)
+    pool = ServerPool(
+        {"image": url}, num_servers=num_servers, cache_mb=cache_mb, preload=True, mode=mode
+    )
     try:
         batches = [boxes[i : i + 16] for i in range(0, len(boxes), 16)]
         for _ in pool.stream(batches[:4]):  # warm up the call path
@@ -84,7 +89,9 @@ def idle_server_rss(url: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default=os.environ.get("NEURORAY_DATA", "../shared/data"))
     parser.add_argument("--crops", type=int, default=1500)
     parser.add_argument("--cache-mb", type=float, default=64)
@@ -97,7 +104,9 @@ def main() -> None:
     connect(num_cpus=2, object_store_mb=1024, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         url = f"{tmp}/raw"
-        ingest(f"{args.data}/em/fib_medulla_s2.h5#raw", url, chunk_shape=(64, 64, 64), progress=False)
+        ingest(
+            f"{args.data}/em/fib_medulla_s2.h5#raw", url, chunk_shape=(64, 64, 64), progress=False
+        )
         array = open_volume(url)[:]
         boxes = random_boxes(array.shape, args.crops)
         cv_boxes = boxes[: max(100, args.crops // 10)]
@@ -111,21 +120,27 @@ def main() -> None:
         overhead = idle_server_rss(url)
 
     ceiling, direct = rows["numpy slice + copy (ceiling)"], rows["CloudVolume per crop (no cache)"]
-    print(f"\n{CROP} uint8 crops from a 250^3 precomputed layer (64^3 raw+gzip chunks), {args.crops} crops\n")
+    print(
+        f"\n{CROP} uint8 crops from a 250^3 precomputed layer (64^3 raw+gzip chunks), {args.crops} crops\n"
+    )
     print(f"| source | crops/s | × CloudVolume | × numpy |")
     print("|---|---:|---:|---:|")
     for name, value in rows.items():
         print(f"| {name} | {value:,.0f} | {value / direct:.1f} | {value / ceiling:.2f} |")
     budget = args.cache_mb * 2**20
-    print(f"\nidle ChunkServer private memory (fixed overhead): {overhead / 2**20:.0f} MiB; "
-          f"cache budget per server {args.cache_mb:.0f} MiB (chunks mode: in the shared object store)")
+    print(
+        f"\nidle ChunkServer private memory (fixed overhead): {overhead / 2**20:.0f} MiB; "
+        f"cache budget per server {args.cache_mb:.0f} MiB (chunks mode: in the shared object store)"
+    )
     print("| pool | server | peak private MiB | over idle | heap cache MiB | shared cache MiB |")
     print("|---|---|---:|---:|---:|---:|")
     for key, stats in memory.items():
         for i, s in enumerate(stats):
             peak = s["peak_private_bytes"]
-            print(f"| {key} | {i} | {peak / 2**20:.0f} | {(peak - overhead) / 2**20:.0f} | "
-                  f"{s['heap_cached_bytes'] / 2**20:.0f} | {s['shared_cached_bytes'] / 2**20:.0f} |")
+            print(
+                f"| {key} | {i} | {peak / 2**20:.0f} | {(peak - overhead) / 2**20:.0f} | "
+                f"{s['heap_cached_bytes'] / 2**20:.0f} | {s['shared_cached_bytes'] / 2**20:.0f} |"
+            )
 
 
 if __name__ == "__main__":

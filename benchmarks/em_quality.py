@@ -28,8 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-ENCODER = {"size": None, "width": 128, "depth": 4, "heads": 4, "patch_size": [4, 16, 16],
-           "img_size": [16, 64, 64]}
+ENCODER = {
+    "size": None,
+    "width": 128,
+    "depth": 4,
+    "heads": 4,
+    "patch_size": [4, 16, 16],
+    "img_size": [16, 64, 64],
+}
 CROP = [16, 64, 64]
 
 
@@ -55,38 +61,93 @@ def pretrain_mae(urls: dict[str, str], out: Path, steps: int, seed: int) -> str:
     from neuroray.config import validate
     from neuroray.trainers.pretrain import PretrainJob, pretrain
 
-    job = validate(PretrainJob, {
-        "data": {"image": urls["s1_raw"], "sampler": {"crop_shape": CROP, "seed": seed},
-                 "augment": "em", "num_servers": 1},
-        "model": {"encoder": ENCODER, "decoder_width": 128, "decoder_depth": 2, "decoder_heads": 4},
-        "masking": {"name": "random", "ratio": 0.75},
-        "optim": {"lr": 3e-4, "warmup_steps": 100},
-        "run": {"name": f"mae_s1_seed{seed}", "storage_path": str(out / "runs"), "steps": steps,
-                "batch_size": 8, "checkpoint_every": steps, "report_every": 50, "seed": seed},
-    })
+    job = validate(
+        PretrainJob,
+        {
+            "data": {
+                "image": urls["s1_raw"],
+                "sampler": {"crop_shape": CROP, "seed": seed},
+                "augment": "em",
+                "num_servers": 1,
+            },
+            "model": {
+                "encoder": ENCODER,
+                "decoder_width": 128,
+                "decoder_depth": 2,
+                "decoder_heads": 4,
+            },
+            "masking": {"name": "random", "ratio": 0.75},
+            "optim": {"lr": 3e-4, "warmup_steps": 100},
+            "run": {
+                "name": f"mae_s1_seed{seed}",
+                "storage_path": str(out / "runs"),
+                "steps": steps,
+                "batch_size": 8,
+                "checkpoint_every": steps,
+                "report_every": 50,
+                "seed": seed,
+            },
+        },
+    )
     return pretrain(job).checkpoint.path
 
 
-def finetune_run(task: str, image: str, labels: str, init: str, roi, val_roi, out: Path,
-                 name: str, steps: int, seed: int, voxel_note: str = "") -> tuple[str, dict]:
+def finetune_run(
+    task: str,
+    image: str,
+    labels: str,
+    init: str,
+    roi,
+    val_roi,
+    out: Path,
+    name: str,
+    steps: int,
+    seed: int,
+    voxel_note: str = "",
+) -> tuple[str, dict]:
     from neuroray.config import validate
     from neuroray.trainers.finetune import FinetuneJob, finetune
 
-    job = validate(FinetuneJob, {
-        "task": task,
-        "data": {"image": image, "labels": labels, "num_servers": 1, "augment": "em",
-                 "sampler": {"crop_shape": CROP, "roi": roi, "seed": seed}},
-        "model": {"encoder": {**ENCODER, "pos_embed": "learned"}, "feature_size": 16, "init": init},
-        "validation": {"roi": val_roi},
-        "optim": {"lr": 5e-4, "warmup_steps": 30, "layer_decay": 0.9 if init != "scratch" else None},
-        "run": {"name": name, "storage_path": str(out / "runs"), "steps": steps, "batch_size": 4,
-                "checkpoint_every": steps, "report_every": 50, "seed": seed},
-    })
+    job = validate(
+        FinetuneJob,
+        {
+            "task": task,
+            "data": {
+                "image": image,
+                "labels": labels,
+                "num_servers": 1,
+                "augment": "em",
+                "sampler": {"crop_shape": CROP, "roi": roi, "seed": seed},
+            },
+            "model": {
+                "encoder": {**ENCODER, "pos_embed": "learned"},
+                "feature_size": 16,
+                "init": init,
+            },
+            "validation": {"roi": val_roi},
+            "optim": {
+                "lr": 5e-4,
+                "warmup_steps": 30,
+                "layer_decay": 0.9 if init != "scratch" else None,
+            },
+            "run": {
+                "name": name,
+                "storage_path": str(out / "runs"),
+                "steps": steps,
+                "batch_size": 4,
+                "checkpoint_every": steps,
+                "report_every": 50,
+                "seed": seed,
+            },
+        },
+    )
     result = finetune(job)
     return result.checkpoint.path, result.metrics
 
 
-def test_scores(task: str, checkpoint: str, image: str, labels: str, test_roi, threshold: float) -> dict:
+def test_scores(
+    task: str, checkpoint: str, image: str, labels: str, test_roi, threshold: float
+) -> dict:
     """Predict the test slab with the fine-tuned model and score it at the chosen threshold."""
     from neuroray.platform.box import Box
     from neuroray.platform.volume import open_volume
@@ -100,13 +161,17 @@ def test_scores(task: str, checkpoint: str, image: str, labels: str, test_roi, t
     truth = open_volume(labels).read(box)
     probs = predict_array(model, raw, job.model.encoder.img_size)
     if task == "em":
-        seg = segment_affinities(probs, [threshold], voxel_size=open_volume(image).voxel_size)[threshold]
+        seg = segment_affinities(probs, [threshold], voxel_size=open_volume(image).voxel_size)[
+            threshold
+        ]
         return evaluate_arrays(seg, truth, "em")
     return evaluate_arrays(segment_binary(probs[0], 0.5), truth, "binary")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default=os.environ.get("NEURORAY_DATA", "../shared/data"))
     parser.add_argument("--out", default="runs/em_quality")
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps (batch 4)")
@@ -140,13 +205,40 @@ def main() -> None:
         if "mae" in args.methods:
             t0 = time.perf_counter()
             inits["mae"] = f"checkpoint:{pretrain_mae(urls, out, args.pretrain_steps, seed)}"
-            record({"kind": "pretrain", "method": "mae", "seed": seed, "steps": args.pretrain_steps,
-                    "seconds": round(time.perf_counter() - t0, 1)})
+            record(
+                {
+                    "kind": "pretrain",
+                    "method": "mae",
+                    "seed": seed,
+                    "steps": args.pretrain_steps,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
         settings = []
         if not args.skip_neurons:
-            settings.append(("em", "s2_raw", "s2_labels", [0, 0, 0, 170, 250, 250], [170, 0, 0, 200, 250, 250], [200, 0, 0, 250, 250, 250], "neurons"))
+            settings.append(
+                (
+                    "em",
+                    "s2_raw",
+                    "s2_labels",
+                    [0, 0, 0, 170, 250, 250],
+                    [170, 0, 0, 200, 250, 250],
+                    [200, 0, 0, 250, 250, 250],
+                    "neurons",
+                )
+            )
         if args.mito:
-            settings.append(("mito", "vnc_raw", "vnc_mito", [0, 0, 0, 14, 1024, 1024], [14, 0, 0, 16, 1024, 1024], [16, 0, 0, 20, 1024, 1024], "mito"))
+            settings.append(
+                (
+                    "mito",
+                    "vnc_raw",
+                    "vnc_mito",
+                    [0, 0, 0, 14, 1024, 1024],
+                    [14, 0, 0, 16, 1024, 1024],
+                    [16, 0, 0, 20, 1024, 1024],
+                    "mito",
+                )
+            )
         for task, image, labels, roi, val_roi, test_roi, label in settings:
             rois = [("full", roi)]
             if args.low_label:
@@ -156,22 +248,53 @@ def main() -> None:
                 for method, init in inits.items():
                     name = f"{label}_{method}_{regime.split()[0]}_seed{seed}"
                     t0 = time.perf_counter()
-                    checkpoint, val = finetune_run(task, urls[image], urls[labels], init, train_roi, val_roi, out, name, args.steps, seed)
+                    checkpoint, val = finetune_run(
+                        task,
+                        urls[image],
+                        urls[labels],
+                        init,
+                        train_roi,
+                        val_roi,
+                        out,
+                        name,
+                        args.steps,
+                        seed,
+                    )
                     threshold = float(val.get("val_threshold", 0.5))
-                    scores = test_scores(task, checkpoint, urls[image], urls[labels], test_roi, threshold)
-                    record({"kind": label, "method": method, "regime": regime, "seed": seed,
-                            "steps": args.steps, "threshold": threshold,
+                    scores = test_scores(
+                        task, checkpoint, urls[image], urls[labels], test_roi, threshold
+                    )
+                    record(
+                        {
+                            "kind": label,
+                            "method": method,
+                            "regime": regime,
+                            "seed": seed,
+                            "steps": args.steps,
+                            "threshold": threshold,
                             "validation": {k: v for k, v in val.items() if k.startswith("val_")},
-                            "test": scores, "seconds": round(time.perf_counter() - t0, 1)})
+                            "test": scores,
+                            "seconds": round(time.perf_counter() - t0, 1),
+                        }
+                    )
 
-    print("\n| task | regime | method | seed | VOI split | VOI merge | VOI | ARAND | CREMI | Dice | IoU |")
+    print(
+        "\n| task | regime | method | seed | VOI split | VOI merge | VOI | ARAND | CREMI | Dice | IoU |"
+    )
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in results:
         if row["kind"] == "pretrain":
             continue
         t = row["test"]
-        cells = [f"{t[k]:.3f}" if k in t else "–" for k in ("voi_split", "voi_merge", "voi", "arand", "cremi_score", "dice", "iou")]
-        print(f"| {row['kind']} | {row['regime']} | {row['method']} | {row['seed']} | " + " | ".join(cells) + " |")
+        cells = [
+            f"{t[k]:.3f}" if k in t else "–"
+            for k in ("voi_split", "voi_merge", "voi", "arand", "cremi_score", "dice", "iou")
+        ]
+        print(
+            f"| {row['kind']} | {row['regime']} | {row['method']} | {row['seed']} | "
+            + " | ".join(cells)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

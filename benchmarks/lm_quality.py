@@ -34,7 +34,9 @@ def load_stack(data: str, n: int, radius_floor: float):
 
     volume = open_volume(f"{data}/lm/OP_{n}.tif")
     image = volume[:]
-    gold = label_mask(f"{data}/lm/OP_{n}.swc", image.shape, volume.voxel_size, radius_floor_px=radius_floor)
+    gold = label_mask(
+        f"{data}/lm/OP_{n}.swc", image.shape, volume.voxel_size, radius_floor_px=radius_floor
+    )
     tree = read_swc(f"{data}/lm/OP_{n}.swc", allow_zero_radius=True)
     return image, gold, tree, volume.voxel_size
 
@@ -50,7 +52,9 @@ def baseline_threshold(train) -> float:
     from neuroray.segmentation.metrics import dice
 
     candidates = np.linspace(5, 200, 40)
-    scores = [np.mean([dice(smoothed(img) > t, gold) for img, gold, _, _ in train]) for t in candidates]
+    scores = [
+        np.mean([dice(smoothed(img) > t, gold) for img, gold, _, _ in train]) for t in candidates
+    ]
     return float(candidates[int(np.argmax(scores))])
 
 
@@ -58,12 +62,21 @@ def score(prediction: np.ndarray, gold: np.ndarray, tree, voxel_size) -> dict:
     from neuroray.segmentation.lm_metrics import lm_scores
 
     s = lm_scores(prediction, gold, tree, voxel_size)
-    return {"dice": s.dice, "iou": s.iou, "hd95_um": s.hd95_um, "esa_um": s.esa_um,
-            "dsa_um": s.dsa_um, "pds": s.pds, "node_f1": s.node_f1}
+    return {
+        "dice": s.dice,
+        "iou": s.iou,
+        "hd95_um": s.hd95_um,
+        "esa_um": s.esa_um,
+        "dsa_um": s.dsa_um,
+        "pds": s.pds,
+        "node_f1": s.node_f1,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default=os.environ.get("NEURORAY_DATA", "../shared/data"))
     parser.add_argument("--out", default="runs/lm_quality")
     parser.add_argument("--steps", type=int, default=400)
@@ -89,42 +102,92 @@ def main() -> None:
 
     threshold = baseline_threshold(train)
     for n, (image, gold, tree, voxel) in test.items():
-        results.append({"method": f"smoothed image > {threshold:.0f} (no learning)", "seed": None,
-                        "stack": f"OP_{n}", **score(smoothed(image) > threshold, gold, tree, voxel)})
+        results.append(
+            {
+                "method": f"smoothed image > {threshold:.0f} (no learning)",
+                "seed": None,
+                "stack": f"OP_{n}",
+                **score(smoothed(image) > threshold, gold, tree, voxel),
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
 
     if args.vit2d:
         source = f"file:{args.vit2d}"
     else:
-        source = pretrain_2d(output=str(out / "vit2d"), steps=args.pretrain_2d_steps, progress=False).source
-    layers = prepare_lm_stacks(op_pairs(args.data, [1, 2, 3, 4]), out / "layers" / "train",
-                               radius_floor_px=args.radius_floor)
+        source = pretrain_2d(
+            output=str(out / "vit2d"), steps=args.pretrain_2d_steps, progress=False
+        ).source
+    layers = prepare_lm_stacks(
+        op_pairs(args.data, [1, 2, 3, 4]),
+        out / "layers" / "train",
+        radius_floor_px=args.radius_floor,
+    )
     last_stack = list(layers.stacks)[-1]
     val_roi = layers.roi(last_stack)  # validation (Dice at checkpoints) on OP_4: a training stack
     for seed in args.seeds:
-        for method, init, inflate in (("scratch", "scratch", "center"), ("2D→3D average", source, "average"), ("2D→3D center", source, "center")):
+        for method, init, inflate in (
+            ("scratch", "scratch", "center"),
+            ("2D→3D average", source, "average"),
+            ("2D→3D center", source, "center"),
+        ):
             t0 = time.perf_counter()
-            job = validate(FinetuneJob, {
-                "task": "lm",
-                "data": {"image": layers.image, "labels": layers.labels, "augment": "lm", "num_servers": 1,
-                         "sampler": {"crop_shape": CROP, "seed": seed, "min_foreground": 1e-6,
-                                     "foreground_from": "manifest"}},
-                "model": {"encoder": {"size": None, "width": 192, "depth": 6, "heads": 3,
-                                      "img_size": CROP, "pos_embed": "learned"},
-                          "feature_size": 16, "init": init, "inflate": inflate},
-                "validation": {"roi": val_roi},
-                "optim": {"lr": 5e-4, "warmup_steps": 30},
-                "run": {"name": f"lm_{method.split()[-1]}_seed{seed}", "storage_path": str(out / "runs"),
-                        "steps": args.steps, "batch_size": 4, "checkpoint_every": args.steps,
-                        "report_every": 50, "seed": seed},
-            })
+            job = validate(
+                FinetuneJob,
+                {
+                    "task": "lm",
+                    "data": {
+                        "image": layers.image,
+                        "labels": layers.labels,
+                        "augment": "lm",
+                        "num_servers": 1,
+                        "sampler": {
+                            "crop_shape": CROP,
+                            "seed": seed,
+                            "min_foreground": 1e-6,
+                            "foreground_from": "manifest",
+                        },
+                    },
+                    "model": {
+                        "encoder": {
+                            "size": None,
+                            "width": 192,
+                            "depth": 6,
+                            "heads": 3,
+                            "img_size": CROP,
+                            "pos_embed": "learned",
+                        },
+                        "feature_size": 16,
+                        "init": init,
+                        "inflate": inflate,
+                    },
+                    "validation": {"roi": val_roi},
+                    "optim": {"lr": 5e-4, "warmup_steps": 30},
+                    "run": {
+                        "name": f"lm_{method.split()[-1]}_seed{seed}",
+                        "storage_path": str(out / "runs"),
+                        "steps": args.steps,
+                        "batch_size": 4,
+                        "checkpoint_every": args.steps,
+                        "report_every": 50,
+                        "seed": seed,
+                    },
+                },
+            )
             checkpoint = finetune(job).checkpoint.path
             model, _ = load_segmenter(checkpoint)
             for n, (image, gold, tree, voxel) in test.items():
                 probs = predict_array(model, image.astype(np.float32) / 255, CROP)[0]
-                results.append({"method": method, "seed": seed, "stack": f"OP_{n}", "steps": args.steps,
-                                "seconds": round(time.perf_counter() - t0, 1),
-                                **score(probs > 0.5, gold, tree, voxel)})
+                results.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "stack": f"OP_{n}",
+                        "steps": args.steps,
+                        "seconds": round(time.perf_counter() - t0, 1),
+                        **score(probs > 0.5, gold, tree, voxel),
+                    }
+                )
                 print(json.dumps(results[-1]), flush=True)
             (out / "results.json").write_text(json.dumps(results, indent=2))
 
@@ -132,8 +195,10 @@ def main() -> None:
     print("| method | seed | stack | Dice | IoU | HD95 µm | ESA µm | DSA µm | PDS | node F1 |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['method']} | {r['seed']} | {r['stack']} | {r['dice']:.3f} | {r['iou']:.3f} | {r['hd95_um']:.1f} | "
-              f"{r['esa_um']:.2f} | {r['dsa_um']:.2f} | {r['pds']:.3f} | {r['node_f1']:.3f} |")
+        print(
+            f"| {r['method']} | {r['seed']} | {r['stack']} | {r['dice']:.3f} | {r['iou']:.3f} | {r['hd95_um']:.1f} | "
+            f"{r['esa_um']:.2f} | {r['dsa_um']:.2f} | {r['pds']:.3f} | {r['node_f1']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

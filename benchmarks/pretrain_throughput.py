@@ -18,8 +18,18 @@ import sys
 import time
 
 CONFIGS = {
-    "tiny": {"encoder": {"size": "tiny"}, "decoder_width": 128, "decoder_depth": 2, "decoder_heads": 4},
-    "base": {"encoder": {"size": "base"}, "decoder_width": 512, "decoder_depth": 6, "decoder_heads": 16},
+    "tiny": {
+        "encoder": {"size": "tiny"},
+        "decoder_width": 128,
+        "decoder_depth": 2,
+        "decoder_heads": 4,
+    },
+    "base": {
+        "encoder": {"size": "base"},
+        "decoder_width": 512,
+        "decoder_depth": 6,
+        "decoder_heads": 16,
+    },
 }
 CROP = (32, 160, 160)
 
@@ -33,7 +43,9 @@ def mae_flops_per_sample(cfg, tokens: int, visible: int) -> float:
     def blocks(n, d, layers):
         return layers * (24 * n * d * d + 4 * n * n * d)
 
-    return 3 * (blocks(visible, width, depth) + blocks(tokens, cfg["decoder_width"], cfg["decoder_depth"]))
+    return 3 * (
+        blocks(visible, width, depth) + blocks(tokens, cfg["decoder_width"], cfg["decoder_depth"])
+    )
 
 
 def run_one(name: str, steps: int, batch: int, peak_tflops: float | None) -> dict:
@@ -53,7 +65,11 @@ def run_one(name: str, steps: int, batch: int, peak_tflops: float | None) -> dic
     grid = tuple(c // p for c, p in zip(CROP, (4, 16, 16), strict=True))
     masker = RandomMasker(ratio=0.75)
     x = torch.rand(batch, 1, *CROP, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
 
     def step():
         mask = torch.from_numpy(masker.mask((batch, *grid), rng)).to(device)
@@ -78,10 +94,17 @@ def run_one(name: str, steps: int, batch: int, peak_tflops: float | None) -> dic
     flops = mae_flops_per_sample(cfg, tokens, tokens - round(0.75 * tokens))
     result = {
         "config": f"MAE {name}",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)",
         "samples_per_s": samples_per_s,
         "achieved_tflops": samples_per_s * flops / 1e12,
-        "peak_memory_mib": (torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "peak_memory_mib": (
+            torch.cuda.max_memory_allocated()
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        / 2**20,
     }
     if peak_tflops:
         result["mfu"] = result["achieved_tflops"] / peak_tflops
@@ -89,7 +112,9 @@ def run_one(name: str, steps: int, batch: int, peak_tflops: float | None) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
@@ -101,17 +126,30 @@ def main() -> None:
         return
     rows = []
     for name in args.configs:
-        command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--batch", str(args.batch)]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+        ]
         if args.peak_tflops:
             command += ["--peak-tflops", str(args.peak_tflops)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"\ncrop {CROP}, patch (4, 16, 16), mask ratio 0.75, batch {args.batch}, {args.steps} timed steps\n")
+    print(
+        f"\ncrop {CROP}, patch (4, 16, 16), mask ratio 0.75, batch {args.batch}, {args.steps} timed steps\n"
+    )
     print("| config | device | samples/s | TFLOP/s | MFU | peak memory |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "–"
-        print(f"| {r['config']} | {r['device']} | {r['samples_per_s']:.2f} | {r['achieved_tflops']:.3f} | {mfu} | {r['peak_memory_mib']:.0f} MiB |")
+        print(
+            f"| {r['config']} | {r['device']} | {r['samples_per_s']:.2f} | {r['achieved_tflops']:.3f} | {mfu} | {r['peak_memory_mib']:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":
