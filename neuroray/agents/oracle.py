@@ -1,0 +1,311 @@
+"""The MIM oracle: observations and reconstruction losses from the latest MIM weights, in batches.
+
+dbMiM's agents (one per patch) need two things from the masked-image model that Ray Train is
+training: what each patch looks like to the current encoder (their observation) and how hard
+each patch was to reconstruct under the joint mask they chose (their reward). :class:`MIMOracle`
+holds a copy of the MAE, refreshes it from the :class:`~neuroray.agents.weights.WeightStore`
+whenever the trainer publishes, and answers for whole batches of crops at once: RLlib spends
+25-50 ms per crop on its own bookkeeping, so a model forward per agent, or even per crop, would
+dominate. Run it as a Ray actor with :func:`start_oracle` (CPU, or a GPU fraction).
+
+**Observation of one patch** (float32, ``obs_dim = 2 * D + 6`` where D is the encoder width)::
+
+    [ 0      : D    ]  feature   the patch's embedding by the current encoder (detached):
+                                 the patch-embedding projection ("patch_embed", the paper's
+                                 choice) or the full encoder's output token ("encoder")
+    [ D      : 2D   ]  context   the mean feature over all patches of the crop (global context)
+    [ 2D     : 2D+3 ]  position  patch centre (z, y, x), normalised to (0, 1) over the token grid
+    [ 2D+3   : 2D+6 ]  stats     mean intensity, log(std + 1e-3), log(gradient energy + 1e-6),
+                                 where gradient energy is the mean over the patch's voxels of the
+                                 squared forward differences along z, y and x (intensities in [0, 1])
+
+The same function (:func:`patch_observations`) builds the trainer's observations when it samples
+masks from the policy, so the policy sees the same kind of input on both sides.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from neuroray.config import StrictModel
+from neuroray.errors import NeurorayError
+from neuroray.models.mae import MAE3D, MAEConfig, build_mae3d
+
+FeatureSource = Literal["patch_embed", "encoder"]
+NUM_POSITION, NUM_STATS = 3, 3
+STATS = ("mean", "log_std", "log_grad_energy")
+
+
+class OracleError(NeurorayError):
+    """Crops or masks handed to the oracle do not fit its model (shape, dtype, grid)."""
+
+
+@dataclass(frozen=True)
+class ObsLayout:
+    """Where each part of a patch observation sits (see the module docstring)."""
+
+    feature_dim: int
+
+    @property
+    def size(self) -> int:
+        return 2 * self.feature_dim + NUM_POSITION + NUM_STATS
+
+    @property
+    def feature(self) -> slice:
+        return slice(0, self.feature_dim)
+
+    @property
+    def context(self) -> slice:
+        return slice(self.feature_dim, 2 * self.feature_dim)
+
+    @property
+    def position(self) -> slice:
+        return slice(2 * self.feature_dim, 2 * self.feature_dim + NUM_POSITION)
+
+    @property
+    def stats(self) -> slice:
+        return slice(2 * self.feature_dim + NUM_POSITION, self.size)
+
+
+class OracleSettings(StrictModel):
+    """Where the oracle runs and which features it hands the agents."""
+
+    num_cpus: float = Field(0.0, ge=0)
+    """Logical CPUs reserved for the oracle actor (0: it shares the RL side's share)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """A GPU fraction (e.g. 0.25) puts the oracle's MAE on CUDA beside other work."""
+    threads: int = Field(1, ge=1)
+    """torch CPU threads of the oracle process."""
+    feature_source: FeatureSource = "patch_embed"
+
+
+# ---------------------------------------------------------------------- observations
+def as_images(crops: np.ndarray | Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """Crops [B, Z, Y, X] or [B, 1, Z, Y, X] (float in [0, 1]) as a float32 [B, 1, Z, Y, X]."""
+    images = crops if isinstance(crops, Tensor) else torch.tensor(np.asarray(crops))  # copies
+    if images.ndim == 4:
+        images = images[:, None]
+    if images.ndim != 5 or images.shape[1] != 1:
+        raise OracleError(
+            f"crops must be [B, Z, Y, X] or [B, 1, Z, Y, X], got shape {tuple(images.shape)}"
+        )
+    if not images.is_floating_point():
+        raise OracleError(f"crops must be float in [0, 1], got {images.dtype}")
+    return images.to(device=device, dtype=torch.float32)
+
+
+def token_positions(grid: Sequence[int]) -> Tensor:
+    """Patch centres (z, y, x) normalised to (0, 1): [N, 3], z-major like the tokens."""
+    axes = [(torch.arange(n, dtype=torch.float32) + 0.5) / n for n in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+
+
+def patch_stats(images: Tensor, patch_size: Sequence[int]) -> Tensor:
+    """Per-patch [mean, log(std + 1e-3), log(gradient energy + 1e-6)]: [B, N, 3] float32.
+
+    Computed by average pooling with kernel = stride = patch (z-major, like the tokens); the
+    variance as E[x^2] - E[x]^2 in float64, so flat patches keep std ~0.
+    """
+    images = images.float()
+    patch = tuple(int(p) for p in patch_size)
+    wide = images.double()
+    mean = F.avg_pool3d(wide, patch, patch)
+    var = (F.avg_pool3d(wide * wide, patch, patch) - mean * mean).clamp(min=0)
+    energy = torch.zeros_like(images)  # squared forward differences, 0 at each far edge
+    energy[:, :, :-1] += images.diff(dim=2).square_()
+    energy[:, :, :, :-1] += images.diff(dim=3).square_()
+    energy[..., :-1] += images.diff(dim=4).square_()
+    grad = F.avg_pool3d(energy, patch, patch).double()
+    stats = torch.cat([mean, (var.sqrt() + 1e-3).log(), (grad + 1e-6).log()], 1)
+    return stats.flatten(2).transpose(1, 2).float()
+
+
+@torch.no_grad()
+def patch_features(model: MAE3D, images: Tensor, source: FeatureSource = "patch_embed") -> Tensor:
+    """Each patch's feature under the current encoder, detached: [B, N, D] float32."""
+    encoder = model.encoder
+    if source == "patch_embed":
+        features = encoder.patch_embed(images.to(encoder.patch_embed.proj.weight.dtype))
+    elif source == "encoder":  # eval mode: no drop-path noise in the agents' view
+        was_training = encoder.training
+        encoder.eval()
+        features = encoder.forward_features(images).tokens
+        encoder.train(was_training)
+    else:
+        raise OracleError(f"feature_source must be 'patch_embed' or 'encoder', got {source!r}")
+    return features.float()
+
+
+@torch.no_grad()
+def patch_observations(
+    model: MAE3D, images: Tensor, source: FeatureSource = "patch_embed"
+) -> Tensor:
+    """Observations of every patch of every crop: [B, N, 2D + 6] (layout: module docstring)."""
+    grid = model.encoder.grid_of(images)
+    features = patch_features(model, images, source)
+    b, n, _ = features.shape
+    context = features.mean(1, keepdim=True).expand(-1, n, -1)
+    position = token_positions(grid).to(features.device).expand(b, -1, -1)
+    stats = patch_stats(images, model.encoder.patch_size).to(features.device)
+    return torch.cat([features, context, position, stats], -1)
+
+
+def team_losses(per_patch: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Each crop's reconstruction loss: the mean per-patch loss over its masked patches, [B]."""
+    masks = masks.reshape(len(masks), -1)
+    counts = np.maximum(masks.sum(1), 1)
+    return (per_patch.reshape(len(per_patch), -1) * masks).sum(1) / counts
+
+
+# ---------------------------------------------------------------------- the oracle
+class MIMOracle:
+    """An MAE copy that scores batches of crops and masks; refreshes itself from a WeightStore.
+
+    ``model`` is the trainer's :class:`~neuroray.models.mae.MAEConfig` (or its JSON); the initial
+    weights are those the trainer starts from (same ``seed``), until the store holds newer ones.
+    """
+
+    def __init__(
+        self,
+        model: MAEConfig | str | dict,
+        *,
+        seed: int = 0,
+        feature_source: FeatureSource = "patch_embed",
+        store: Any = None,
+        device: str = "auto",
+        threads: int = 1,
+        pin_cpus: Sequence[int] | None = None,
+    ) -> None:
+        if pin_cpus and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, set(pin_cpus))
+        torch.set_num_threads(threads)
+        if isinstance(model, str):
+            model = MAEConfig.model_validate_json(model)
+        elif isinstance(model, dict):
+            model = MAEConfig.model_validate(model)
+        self.config = model
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        torch.manual_seed(seed)  # the trainer's initial weights (run_worker seeds the same way)
+        self.model = build_mae3d(model).to(self.device).eval()
+        self.feature_source = feature_source
+        self.store = store
+        self.version = 0
+        self.layout = ObsLayout(self.model.encoder.embed_dim)
+        self.grid = tuple(self.model.encoder.grid)
+        self.crops_scored = 0
+
+    # -- weights ------------------------------------------------------------------------------
+    def set_weights(self, state_dict: dict[str, Any], version: int) -> None:
+        from neuroray.agents.weights import numpy_to_state_dict
+
+        tensors = {
+            k: v if isinstance(v, Tensor) else numpy_to_state_dict({k: v})[k]
+            for k, v in state_dict.items()
+        }
+        self.model.load_state_dict(tensors)
+        self.model.eval()
+        self.version = int(version)
+
+    def refresh(self) -> int:
+        """Load the newest MIM weights from the store, if any; returns the version held."""
+        if self.store is None:
+            return self.version
+        import ray
+
+        found = ray.get(self.store.get.remote("mim", newer_than=self.version))
+        if found is not None:
+            version, payload = found
+            self.set_weights(payload["state_dict"], version)
+        return self.version
+
+    # -- queries ------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What an env needs to size its spaces: token grid, feature and observation sizes."""
+        return {
+            "grid": self.grid,
+            "feature_dim": self.layout.feature_dim,
+            "obs_dim": self.layout.size,
+            "crop_shape": tuple(self.model.encoder.img_size),
+            "patch_size": tuple(self.model.encoder.patch_size),
+            "version": self.version,
+        }
+
+    def observe(self, crops: np.ndarray) -> np.ndarray:
+        """Observations for a batch of crops [B, Z, Y, X]: float32 [B, N, obs_dim]."""
+        self.refresh()
+        images = self._images(crops)
+        return patch_observations(self.model, images, self.feature_source).cpu().numpy()
+
+    @torch.no_grad()
+    def score(self, crops: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+        """Reconstruct each crop under its mask (bool [B, N] or [B, Nz, Ny, Nx], True = masked).
+
+        Returns ``per_patch`` [B, N] (loss of each masked patch, 0 where visible), ``team`` [B]
+        (the crop's loss: mean over its masked patches) and ``version`` (MIM weights used).
+        """
+        images = self._images(crops)
+        masks = self._masks(masks, len(images))
+        out = self.model(images, torch.from_numpy(masks).to(self.device))
+        per_patch = out.per_patch_loss.float().cpu().numpy()
+        self.crops_scored += len(images)
+        return {
+            "per_patch": per_patch,
+            "team": team_losses(per_patch, masks),
+            "version": np.int64(self.version),
+        }
+
+    # -- checks -------------------------------------------------------------------------------
+    def _images(self, crops: np.ndarray) -> Tensor:
+        images = as_images(crops, self.device)
+        expected = tuple(self.model.encoder.img_size)
+        if tuple(images.shape[2:]) != expected:
+            raise OracleError(
+                f"crops of shape {tuple(images.shape[2:])} do not match the MIM model's img_size "
+                f"{expected}; sample crops of data.sampler.crop_shape"
+            )
+        return images
+
+    def _masks(self, masks: np.ndarray, batch: int) -> np.ndarray:
+        masks = np.asarray(masks)
+        n = int(np.prod(self.grid))
+        if masks.dtype != bool or masks.size != batch * n:
+            raise OracleError(
+                f"masks must be bool [B, N] = [{batch}, {n}] (True = masked), got "
+                f"{masks.dtype} {masks.shape}"
+            )
+        return np.array(masks.reshape(batch, *self.grid))  # writable copy for torch
+
+
+def start_oracle(
+    model: MAEConfig,
+    settings: OracleSettings,
+    *,
+    seed: int = 0,
+    store: Any = None,
+    pin_cpus: Sequence[int] | None = None,
+) -> Any:
+    """A :class:`MIMOracle` Ray actor with the resources ``settings`` asks for."""
+    import ray
+
+    device = "cuda" if settings.num_gpus > 0 else "cpu"
+    actor = ray.remote(MIMOracle).options(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus)
+    return actor.remote(
+        model.model_dump_json(),
+        seed=seed,
+        feature_source=settings.feature_source,
+        store=store,
+        device=device,
+        threads=settings.threads,
+        pin_cpus=pin_cpus,
+    )

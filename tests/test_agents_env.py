@@ -1,0 +1,271 @@
+"""MaskingEnv, the MIM oracle, the policy net and the weight store (dbMiM's pieces)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ray.rllib.utils.pre_checks.env import check_multiagent_environments
+
+from neuroray.agents.env import (
+    ArrayCrops,
+    EnvError,
+    EnvSettings,
+    MaskingEnv,
+    RewardConfig,
+    masking_rewards,
+)
+from neuroray.agents.module import PatchPolicyNet, PolicyConfig, build_policy_net
+from neuroray.agents.oracle import (
+    MIMOracle,
+    ObsLayout,
+    OracleError,
+    OracleSettings,
+    patch_stats,
+    start_oracle,
+    token_positions,
+)
+from neuroray.agents.weights import WeightStore, start_weight_store, state_dict_to_numpy
+from neuroray.models.mae import MAEConfig, build_mae3d
+from neuroray.models.vit3d import ViTConfig, patchify
+from neuroray.platform.volume import open_volume
+
+CROP, PATCH = (8, 64, 64), (4, 16, 16)
+GRID = (2, 4, 4)
+N = 32
+WIDTH = 32
+
+
+def tiny_mae() -> MAEConfig:
+    encoder = ViTConfig(size=None, width=WIDTH, depth=1, heads=2, patch_size=PATCH, img_size=CROP)
+    return MAEConfig(encoder=encoder, decoder_width=32, decoder_depth=1, decoder_heads=2)
+
+
+@pytest.fixture(scope="module")
+def oracle() -> MIMOracle:
+    torch.set_num_threads(1)
+    return MIMOracle(tiny_mae(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def em_region(data_dir) -> np.ndarray:
+    """A real FIB-SEM region (uint8, z y x)."""
+    volume = open_volume(str(data_dir / "em" / "fib_medulla_s1_raw.h5") + "#raw")
+    return np.asarray(volume[0:24, 0:128, 0:128])
+
+
+def make_env(oracle, volume, crops_per_episode=2, **reward) -> MaskingEnv:
+    settings = EnvSettings(crops_per_episode=crops_per_episode, reward=RewardConfig(**reward))
+    return MaskingEnv(
+        {"oracle": oracle, "crops": ArrayCrops(volume, CROP), "settings": settings, "seed": 3}
+    )
+
+
+# ---------------------------------------------------------------------- the env
+def test_env_passes_rllib_multi_agent_checks_on_real_em(oracle, em_region):
+    env = make_env(oracle, em_region, crops_per_episode=2)
+    check_multiagent_environments(env)
+
+    obs, infos = env.reset(seed=1)
+    assert list(obs) == env.possible_agents == [f"{c}_{i}" for c in range(2) for i in range(N)]
+    size = ObsLayout(WIDTH).size
+    assert size == 2 * WIDTH + 6 and env.obs_dim == size
+    for agent, value in obs.items():
+        assert value.shape == (size,) and value.dtype == np.float32
+        assert env.observation_spaces[agent].contains(value)
+        assert env.action_spaces[agent].n == 2
+
+    actions = {a: int(i % 3 == 0) for i, a in enumerate(env.possible_agents)}
+    next_obs, rewards, terminated, truncated, infos = env.step(actions)
+    assert set(rewards) == set(env.possible_agents)
+    assert all(isinstance(r, float) and np.isfinite(r) for r in rewards.values())
+    assert terminated["__all__"] and all(terminated[a] for a in env.possible_agents)
+    assert not truncated["__all__"]
+    assert set(next_obs) == set(env.possible_agents)  # the final observation of every agent
+    for c in range(2):
+        info = infos[f"{c}_0"]
+        assert set(info) == {
+            "team_loss",
+            "mask_ratio",
+            "chosen_ratio",
+            "reward_mean",
+            "mim_version",
+        }
+        mask = env.last["masks"][c]
+        assert info["mask_ratio"] == pytest.approx(mask.mean())
+        assert info["team_loss"] == pytest.approx(env.last["per_patch"][c][mask].mean(), rel=1e-5)
+        assert (env.last["per_patch"][c][~mask] == 0).all()  # visible patches carry no loss
+
+
+def test_observations_follow_the_documented_layout(oracle, em_region):
+    crops = ArrayCrops(em_region, CROP).sample(3, np.random.default_rng(0))
+    obs = oracle.observe(crops)
+    layout = ObsLayout(WIDTH)
+    assert obs.shape == (3, N, layout.size)
+
+    features = obs[..., layout.feature]
+    model = build_mae3d(tiny_mae())
+    model.load_state_dict(oracle.model.state_dict())
+    images = torch.from_numpy(crops)[:, None]
+    expected = model.encoder.patch_embed(images).detach().numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+    context = obs[..., layout.context]
+    np.testing.assert_allclose(context, features.mean(1, keepdims=True).repeat(N, 1), atol=1e-5)
+
+    position = obs[..., layout.position]
+    assert (position > 0).all() and (position < 1).all()
+    np.testing.assert_allclose(position[0], token_positions(GRID).numpy())
+    assert position[0, 1].tolist() == pytest.approx([0.25, 0.125, 0.375])  # token (0, 0, 1)
+
+    patches = patchify(images, PATCH).numpy()
+    stats = obs[..., layout.stats]
+    np.testing.assert_allclose(stats[..., 0], patches.mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(stats[..., 1], np.log(patches.std(-1) + 1e-3), rtol=1e-4)
+
+
+def test_patch_stats_known_answers():
+    flat = torch.full((1, 1, *CROP), 0.3)
+    stats = patch_stats(flat, PATCH)[0]
+    np.testing.assert_allclose(stats[:, 0], 0.3, rtol=1e-6)
+    np.testing.assert_allclose(stats[:, 1], np.log(1e-3), rtol=1e-4)
+    np.testing.assert_allclose(stats[:, 2], np.log(1e-6), rtol=1e-4)
+
+    slope = 0.01
+    ramp = (torch.arange(CROP[2], dtype=torch.float32) * slope).expand(1, 1, *CROP)
+    energy = np.exp(patch_stats(ramp, PATCH)[0, :, 2].numpy()) - 1e-6
+    energy = energy.reshape(GRID)
+    # every voxel has forward difference `slope` along x, except the crop's last x column (0)
+    np.testing.assert_allclose(energy[..., :-1], slope**2, rtol=1e-4)
+    np.testing.assert_allclose(energy[..., -1], slope**2 * 15 / 16, rtol=1e-4)
+
+
+def test_all_keep_actions_are_fixed_up_and_rewarded_on_the_scored_mask(oracle, em_region):
+    env = make_env(oracle, em_region, crops_per_episode=1)
+    env.reset(seed=0)
+    _, rewards, _, _, infos = env.step(dict.fromkeys(env.possible_agents, 0))
+    mask = env.last["masks"][0]
+    assert mask.sum() == 1  # the MAE needs one masked patch: one agent is flipped
+    assert infos["0_0"]["chosen_ratio"] == 0.0
+    assert infos["0_0"]["mask_ratio"] == pytest.approx(1 / N)
+    flipped = f"0_{int(np.flatnonzero(mask)[0])}"
+    expected = masking_rewards(
+        env.last["per_patch"], mask[None], env.last["team"], env.settings.reward
+    )
+    assert rewards[flipped] == pytest.approx(float(expected[0, int(flipped[2:])]))
+
+
+def test_bad_inputs_are_actionable_errors(oracle, em_region):
+    with pytest.raises(EnvError, match="oracle"):
+        MaskingEnv({"crops": ArrayCrops(em_region, CROP)})
+    with pytest.raises(EnvError, match="crop source gives"):
+        MaskingEnv({"oracle": oracle, "crops": ArrayCrops(em_region, (8, 32, 32))})
+    env = make_env(oracle, em_region, crops_per_episode=1)
+    with pytest.raises(EnvError, match="reset"):
+        env.step({})
+    env.reset()
+    with pytest.raises(EnvError, match="missing"):
+        env.step({"0_0": 1})
+    with pytest.raises(OracleError, match="bool"):
+        oracle.score(np.zeros((1, *CROP), np.float32), np.zeros((1, N), np.int64))
+    with pytest.raises(OracleError, match="img_size"):
+        oracle.observe(np.zeros((1, 8, 32, 32), np.float32))
+
+
+# ---------------------------------------------------------------------- rewards
+def test_rewards_known_answers_inside_the_band():
+    per_patch = np.array([[0.5, 1.0, 0.0, 0.0]])
+    masks = np.array([[True, True, False, False]])
+    team = np.array([0.75])
+    harder = masking_rewards(per_patch, masks, team, RewardConfig(ratio_band=(0.4, 0.95)))
+    np.testing.assert_allclose(harder, [[1.25, 1.75, 0.75, 0.75]])
+    easier = masking_rewards(
+        per_patch, masks, team, RewardConfig(mode="easier", ratio_band=(0.4, 0.95))
+    )
+    np.testing.assert_allclose(easier, -harder)
+    weighted = RewardConfig(team_weight=2.0, agent_weight=0.5, ratio_band=(0.4, 0.95))
+    np.testing.assert_allclose(
+        masking_rewards(per_patch, masks, team, weighted), [[1.75, 2.0, 1.5, 1.5]]
+    )
+
+
+def test_band_term_charges_the_agents_that_moved_the_ratio_out():
+    per_patch = np.zeros((1, 4))
+    team = np.zeros(1)
+    config = RewardConfig(ratio_band=(0.2, 0.5), ratio_weight=3.0)
+    too_many = np.array([[True, True, True, False]])  # ratio 0.75 > 0.5: the maskers pay
+    np.testing.assert_allclose(
+        masking_rewards(per_patch, too_many, team, config), [[-3, -3, -3, 0]]
+    )
+    # ratio 0 < 0.2: every keeper pays for the part of its 1/4 step outside the band (0.2 / 0.25)
+    too_few = np.array([[False, False, False, False]])
+    np.testing.assert_allclose(masking_rewards(per_patch, too_few, team, config), [[-2.4] * 4])
+    at_edge = np.array([[True, True, False, False]])  # ratio 0.5 is inside: no one pays
+    np.testing.assert_allclose(masking_rewards(per_patch, at_edge, team, config), [[0] * 4])
+
+
+def test_reward_config_rejects_an_impossible_band():
+    with pytest.raises(ValueError, match="ratio_band"):
+        RewardConfig(ratio_band=(0.9, 0.4))
+
+
+# ---------------------------------------------------------------------- policy net
+def test_policy_starts_at_its_initial_mask_probability_and_checks_its_input():
+    torch.manual_seed(0)
+    net = build_policy_net(WIDTH, PolicyConfig(initial_mask_prob=0.8))
+    obs = torch.randn(5, N, ObsLayout(WIDTH).size)
+    probs = net.mask_probability(obs)
+    assert probs.shape == (5, N)
+    np.testing.assert_allclose(probs.numpy(), 0.8, atol=0.05)
+    logits, value = net(obs)
+    assert logits.shape == (5, N, 2) and value.shape == (5, N)
+    with pytest.raises(Exception, match="feature_dim"):
+        PatchPolicyNet(WIDTH + 1).mask_probability(obs)
+
+
+# ---------------------------------------------------------------------- weights
+def test_weight_store_keeps_the_newest_version_per_channel():
+    store = WeightStore()
+    assert store.version("mim") == -1 and store.get("mim") is None
+    assert store.put("mim", 5, {"a": 1})
+    assert not store.put("mim", 3, {"a": 0})  # an older publication never replaces a newer one
+    assert store.get("mim") == (5, {"a": 1})
+    assert store.get("mim", newer_than=5) is None
+    store.put("policy", 1, {"b": 2})
+    assert store.versions() == {"mim": 5, "policy": 1}
+
+
+def test_oracle_actor_matches_the_trainer_init_and_follows_published_weights(
+    ray_session, em_region
+):
+    store = start_weight_store()
+    actor = start_oracle(tiny_mae(), OracleSettings(), seed=0, store=store)
+    local = MIMOracle(tiny_mae(), seed=0)
+    crops = ArrayCrops(em_region, CROP).sample(2, np.random.default_rng(5))
+    # before any publication the oracle holds the trainer's initial weights (same seed)
+    np.testing.assert_allclose(ray_session.get(actor.observe.remote(crops)), local.observe(crops))
+
+    torch.manual_seed(1)
+    newer = build_mae3d(tiny_mae())
+    payload = {"state_dict": state_dict_to_numpy(newer.state_dict()), "step": 7}
+    ray_session.get(store.put.remote("mim", 7, payload))
+    obs = ray_session.get(actor.observe.remote(crops))
+    assert ray_session.get(actor.describe.remote())["version"] == 7
+    local.set_weights(newer.state_dict(), 7)
+    np.testing.assert_allclose(obs, local.observe(crops), rtol=1e-5, atol=1e-6)
+
+    masks = np.zeros((2, N), bool)
+    masks[:, ::2] = True
+    scored = ray_session.get(actor.score.remote(crops, masks))
+    assert scored["per_patch"].shape == (2, N) and scored["team"].shape == (2,)
+    assert int(scored["version"]) == 7
+
+    env = MaskingEnv(
+        {
+            "oracle": actor,
+            "crops": ArrayCrops(em_region, CROP),
+            "settings": EnvSettings(crops_per_episode=2),
+        }
+    )
+    check_multiagent_environments(env)
+    ray_session.kill(actor)
+    ray_session.kill(store)
