@@ -57,39 +57,64 @@ def ingest_all(data: str, layers: Path) -> dict[str, str]:
     return urls
 
 
-def pretrain_mae(urls: dict[str, str], out: Path, steps: int, seed: int) -> str:
+def _pretrain_settings(urls: dict[str, str], out: Path, name: str, steps: int, seed: int) -> dict:
+    """What every pretraining row shares: data, encoder, optimiser, steps, batch."""
+    return {
+        "data": {
+            "image": urls["s1_raw"],
+            "sampler": {"crop_shape": CROP, "seed": seed},
+            "augment": "em",
+            "num_servers": 1,
+        },
+        "model": {"encoder": ENCODER, "decoder_width": 128, "decoder_depth": 2, "decoder_heads": 4},
+        "optim": {"lr": 3e-4, "warmup_steps": 100},
+        "run": {
+            "name": f"{name}_s1_seed{seed}",
+            "storage_path": str(out / "runs"),
+            "steps": steps,
+            "batch_size": 8,
+            "checkpoint_every": steps,
+            "report_every": 50,
+            "seed": seed,
+        },
+    }
+
+
+def pretrain_mae(urls, out, steps, seed, ratio=0.75, name="mae") -> tuple[str, dict]:
     from neuroray.config import validate
     from neuroray.trainers.pretrain import PretrainJob, pretrain
 
-    job = validate(
-        PretrainJob,
-        {
-            "data": {
-                "image": urls["s1_raw"],
-                "sampler": {"crop_shape": CROP, "seed": seed},
-                "augment": "em",
-                "num_servers": 1,
-            },
-            "model": {
-                "encoder": ENCODER,
-                "decoder_width": 128,
-                "decoder_depth": 2,
-                "decoder_heads": 4,
-            },
-            "masking": {"name": "random", "ratio": 0.75},
-            "optim": {"lr": 3e-4, "warmup_steps": 100},
-            "run": {
-                "name": f"mae_s1_seed{seed}",
-                "storage_path": str(out / "runs"),
-                "steps": steps,
-                "batch_size": 8,
-                "checkpoint_every": steps,
-                "report_every": 50,
-                "seed": seed,
-            },
-        },
-    )
-    return pretrain(job).checkpoint.path
+    settings = _pretrain_settings(urls, out, name, steps, seed)
+    settings["masking"] = {"name": "random", "ratio": ratio}
+    result = pretrain(validate(PretrainJob, settings))
+    return result.checkpoint.path, result.metrics
+
+
+def pretrain_dbmim(urls, out, steps, seed) -> tuple[str, dict]:
+    from neuroray.agents.dbmim import DbMiMJob, run_dbmim
+    from neuroray.config import validate
+
+    settings = _pretrain_settings(urls, out, "dbmim", steps, seed)
+    settings["rl"] = {"seed": seed}
+    result = run_dbmim(validate(DbMiMJob, settings))
+    return result.checkpoint.path, result.metrics
+
+
+def pretrain_mscon(urls, out, steps, seed) -> tuple[str, dict]:
+    from neuroray.config import validate
+    from neuroray.trainers.mscon import MSConJob, run_job
+
+    settings = _pretrain_settings(urls, out, "mscon", steps, seed)
+    settings["data"]["augment"] = []
+    settings["model"] = {
+        "encoder": ENCODER,
+        "feature_size": 16,
+        "skip_connections": False,
+        "pool_grid": [8, 8, 8],
+    }
+    settings["run"]["batch_size"] = 4
+    result = run_job(validate(MSConJob, settings))
+    return result.checkpoint.path, result.metrics
 
 
 def finetune_run(
@@ -175,9 +200,22 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("NEURORAY_DATA", "../shared/data"))
     parser.add_argument("--out", default="runs/em_quality")
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps (batch 4)")
-    parser.add_argument("--pretrain-steps", type=int, default=3000, help="MAE steps (batch 8)")
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=3000, help="MAE / dbMiM steps (batch 8)"
+    )
+    parser.add_argument(
+        "--mscon-steps",
+        type=int,
+        default=300,
+        help="MS-Con steps (batch 4; ~30x costlier per sample)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", default=["scratch", "mae"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["scratch", "mae"],
+        help="scratch mae dbmim control mscon (control = random masking at dbMiM's ratio)",
+    )
     parser.add_argument("--pretrained", nargs="*", default=[], metavar="NAME=CHECKPOINT")
     parser.add_argument("--mito", action="store_true", help="also run the mitochondria comparison")
     parser.add_argument("--low-label", type=float, default=None, help="fraction of training region")

@@ -111,11 +111,12 @@ VALID_ROI = [34, 0, 0, 48, 192, 192]  # threshold chosen here; segmentation scor
 
 
 def stage_pretrain(run: DemoRun) -> str:
+    """dbMiM: an RLlib masking policy (one agent per patch, shared) beside the MAE on Ray Train."""
+    from neuroray.agents.dbmim import DbMiMJob, run_dbmim
     from neuroray.config import validate
-    from neuroray.trainers.pretrain import PretrainJob, pretrain
 
     job = validate(
-        PretrainJob,
+        DbMiMJob,
         {
             "data": {
                 "image": run.urls["em_raw"],
@@ -130,10 +131,9 @@ def stage_pretrain(run: DemoRun) -> str:
                 "decoder_depth": 2,
                 "decoder_heads": 4,
             },
-            "masking": {"name": "random", "ratio": 0.75},
-            "optim": {"lr": 1e-3, "warmup_steps": 10},
+            "optim": {"lr": 3e-4, "warmup_steps": 10},
             "run": {
-                "name": "demo_pretrain_mae",
+                "name": "demo_pretrain_dbmim",
                 "storage_path": str(run.out / "runs"),
                 "steps": 60,
                 "batch_size": 4,
@@ -141,14 +141,27 @@ def stage_pretrain(run: DemoRun) -> str:
                 "report_every": 20,
                 "preview_every": 60,
             },
+            "rl": {
+                "env": {"crops_per_episode": 4},
+                "ppo": {"train_batch_agent_steps": 512, "minibatch_size": 256, "num_epochs": 2},
+                "publish_mim_every": 10,
+                "checkpoint_every": 5,
+            },
         },
     )
-    result = pretrain(job)
+    result = run_dbmim(job)
+    metrics = result.metrics
     run.urls["pretrain_checkpoint"] = result.checkpoint.path
     run.results["pretrain"] = {
-        k: result.metrics[k] for k in ("loss", "mask_ratio", "samples_per_s")
+        k: metrics[k]
+        for k in ("loss", "mask_ratio", "rl/iterations", "rl/decisions_per_s")
+        if k in metrics
     }
-    return f"MAE loss {result.metrics['loss']:.3f} after 60 steps -> {result.checkpoint.path}"
+    return (
+        f"dbMiM: MAE loss {metrics['loss']:.3f} after 60 steps, policy mask ratio "
+        f"{metrics['mask_ratio']:.2f}, {metrics.get('rl/iterations', 0)} PPO iterations "
+        f"({metrics.get('rl/decisions_per_s', 0):.0f} agent decisions/s) -> {result.checkpoint.path}"
+    )
 
 
 def stage_finetune(run: DemoRun) -> str:

@@ -344,7 +344,8 @@ def run_worker(task: TrainTask) -> None:
         writer = SummaryWriter(str(run.tensorboard_path()))
     batches = task.batches(start_step)
     sums: dict[str, float] = {}
-    count, tick, samples = 0, time.perf_counter(), 0
+    counts: dict[str, int] = {}
+    tick, samples = time.perf_counter(), 0
     step = start_step
     try:
         while step < run.steps:
@@ -367,7 +368,7 @@ def run_worker(task: TrainTask) -> None:
             scalars["loss"] = float(loss.detach())
             for key, value in scalars.items():
                 sums[key] = sums.get(key, 0.0) + value
-            count += 1
+                counts[key] = counts.get(key, 0) + 1  # keys may appear on only some steps
             samples += _batch_size(batch)
             if run.fail_at_step is not None and step == run.fail_at_step:
                 _inject_failure_once(run, step)
@@ -379,7 +380,7 @@ def run_worker(task: TrainTask) -> None:
             save = step % run.checkpoint_every == 0 or step == run.steps
             if save or step % run.report_every == 0:
                 elapsed = time.perf_counter() - tick
-                metrics = {k: v / count for k, v in sums.items()}
+                metrics = {k: v / counts[k] for k, v in sums.items()}
                 metrics.update(
                     step=step,
                     lr=scheduler.get_last_lr()[0],
@@ -408,7 +409,8 @@ def run_worker(task: TrainTask) -> None:
                         ray.train.report(metrics, checkpoint=ckpt)
                 else:
                     ray.train.report(metrics)
-                sums, count, samples, tick = {}, 0, 0, time.perf_counter()
+                sums, counts, samples = {}, {}, 0
+                tick = time.perf_counter()
     finally:
         if writer is not None:
             writer.close()
