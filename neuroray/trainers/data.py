@@ -103,3 +103,25 @@ def crop_batches(
         yield from loader
         epoch += 1
         dataset.set_epoch(epoch)
+
+
+def check_crop_matches_model(data: DataSettings, img_size: tuple[int, ...]) -> None:
+    """Jobs crop exactly what the encoder was built for; say which two keys to set if not."""
+    crop, size = tuple(data.sampler.crop_shape), tuple(img_size)
+    if crop != size:
+        raise ValueError(
+            f"data.sampler.crop_shape {crop} must equal model.encoder.img_size {size} (set both)"
+        )
+
+
+def run_with_pool(task_class: type, job: Any) -> Any:
+    """Connect to Ray, start the job's chunk servers, fit ``task_class`` on them, stop them."""
+    from neuroray.runtime import connect
+    from neuroray.trainers.loop import fit
+
+    connect(job.ray.address, num_cpus=job.ray.num_cpus, object_store_mb=job.ray.object_store_mb)
+    pool = start_pool(job.data)
+    try:
+        return fit(task_class, job, extras={"pool": pool})
+    finally:
+        pool.shutdown()

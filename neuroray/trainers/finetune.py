@@ -37,8 +37,13 @@ from neuroray.segmentation.targets import (
     grow_boundary,
     seg_to_affinities,
 )
-from neuroray.trainers.data import DataSettings, crop_batches, start_pool
-from neuroray.trainers.loop import TrainJob, TrainTask, fit, load_model_checkpoint
+from neuroray.trainers.data import (
+    DataSettings,
+    check_crop_matches_model,
+    crop_batches,
+    run_with_pool,
+)
+from neuroray.trainers.loop import TrainJob, TrainTask, load_model_checkpoint
 
 FinetuneTask = Literal["em", "mito", "lm"]
 
@@ -101,11 +106,7 @@ class FinetuneJob(TrainJob):
     def _consistent(self) -> FinetuneJob:
         if not self.data.labels:
             raise ValueError("fine-tuning needs data.labels (an aligned label layer)")
-        crop, size = tuple(self.data.sampler.crop_shape), tuple(self.model.encoder.img_size)
-        if crop != size:
-            raise ValueError(
-                f"data.sampler.crop_shape {crop} must equal model.encoder.img_size {size}"
-            )
+        check_crop_matches_model(self.data, self.model.encoder.img_size)
         return self
 
     @property
@@ -327,14 +328,7 @@ def score_prediction(
 
 def finetune(job: FinetuneJob) -> Any:
     """Start chunk servers for the image + labels and fine-tune; returns Ray's Result."""
-    from neuroray.runtime import connect
-
-    connect(job.ray.address, num_cpus=job.ray.num_cpus, object_store_mb=job.ray.object_store_mb)
-    pool = start_pool(job.data)
-    try:
-        return fit(SegmentationTask, job, extras={"pool": pool})
-    finally:
-        pool.shutdown()
+    return run_with_pool(SegmentationTask, job)
 
 
 JOB_CLASS = FinetuneJob

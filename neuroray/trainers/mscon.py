@@ -30,7 +30,7 @@ from neuroray.models.mscon import (
 )
 from neuroray.platform.augment import MSConAugmentConfig, Sample
 from neuroray.preview import grid, to_grey
-from neuroray.trainers.data import DataSettings, crop_batches
+from neuroray.trainers.data import DataSettings, check_crop_matches_model, crop_batches
 from neuroray.trainers.loop import TrainJob, TrainTask
 from neuroray.trainers.pretrain import pretrain
 
@@ -45,12 +45,7 @@ class MSConJob(TrainJob):
 
     @model_validator(mode="after")
     def _check(self) -> MSConJob:
-        crop, size = self.data.sampler.crop_shape, self.model.encoder.img_size
-        if tuple(crop) != tuple(size):
-            raise ValueError(
-                f"data.sampler.crop_shape {tuple(crop)} must equal model.encoder.img_size "
-                f"{tuple(size)} (set both)"
-            )
+        check_crop_matches_model(self.data, self.model.encoder.img_size)
         if self.data.augment:
             raise ValueError(
                 "MS-Con draws its views on the workers from the `augment` section "

@@ -19,8 +19,13 @@ from torch import nn
 from neuroray.masking import Masker, MaskerSpec, RandomMasker
 from neuroray.models.mae import MAE3D, MAEConfig, build_mae3d
 from neuroray.preview import grid, to_grey
-from neuroray.trainers.data import DataSettings, crop_batches, start_pool
-from neuroray.trainers.loop import TrainJob, TrainTask, fit
+from neuroray.trainers.data import (
+    DataSettings,
+    check_crop_matches_model,
+    crop_batches,
+    run_with_pool,
+)
+from neuroray.trainers.loop import TrainJob, TrainTask
 
 
 class PretrainJob(TrainJob):
@@ -32,12 +37,7 @@ class PretrainJob(TrainJob):
 
     @model_validator(mode="after")
     def _crop_matches_model(self) -> PretrainJob:
-        crop, size = self.data.sampler.crop_shape, self.model.encoder.img_size
-        if tuple(crop) != tuple(size):
-            raise ValueError(
-                f"data.sampler.crop_shape {tuple(crop)} must equal model.encoder.img_size "
-                f"{tuple(size)} (set both)"
-            )
+        check_crop_matches_model(self.data, self.model.encoder.img_size)
         return self
 
 
@@ -116,14 +116,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def pretrain(job: PretrainJob, task_class: type[TrainTask] = MAETask) -> Any:
     """Start chunk servers for ``job.data`` and run the pretraining; returns Ray's Result."""
-    from neuroray.runtime import connect
-
-    connect(job.ray.address, num_cpus=job.ray.num_cpus, object_store_mb=job.ray.object_store_mb)
-    pool = start_pool(job.data)
-    try:
-        return fit(task_class, job, extras={"pool": pool})
-    finally:
-        pool.shutdown()
+    return run_with_pool(task_class, job)
 
 
 JOB_CLASS = PretrainJob
