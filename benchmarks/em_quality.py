@@ -10,8 +10,8 @@ score on the untouched test slab z ≥ 200 (the issue's split, with validation c
 training part so nothing is tuned on the test slab). Pretraining (MAE, and dbMiM / MS-Con when
 their checkpoints are given) uses the unlabelled fib_medulla_s1_raw cube only.
 
-Mitochondria (vnc_stack1_mito, 20 sections): fine-tune on sections 0–13, validate on 14–15,
-report Dice and IoU on 16–19. ``--low-label F`` also trains on only a fraction F of the training
+Mitochondria (vnc_stack1_mito, 20 sections at 50 × 4.6 × 4.6 nm): fine-tune on sections 0–13,
+validate on 14–15, report Dice and IoU on 16–19 (8×128×128 crops: the slab is 14 deep). ``--low-label F`` also trains on only a fraction F of the training
 region (the setting where MS-Con claims its largest gain).
 
 Every run uses the same encoder, crop, steps, batch and learning rate; seeds are listed with the
@@ -37,6 +37,7 @@ ENCODER = {
     "img_size": [16, 64, 64],
 }
 CROP = [16, 64, 64]
+MITO_CROP = [8, 128, 128]  # vnc_stack1 has 20 sections at 50 nm: train on 14, so crops are 8 deep
 
 
 def ingest_all(data: str, layers: Path) -> dict[str, str]:
@@ -128,7 +129,7 @@ def finetune_run(
     name: str,
     steps: int,
     seed: int,
-    voxel_note: str = "",
+    crop: list[int],
 ) -> tuple[str, dict]:
     from neuroray.config import validate
     from neuroray.trainers.finetune import FinetuneJob, finetune
@@ -142,10 +143,10 @@ def finetune_run(
                 "labels": labels,
                 "num_servers": 1,
                 "augment": "em",
-                "sampler": {"crop_shape": CROP, "roi": roi, "seed": seed},
+                "sampler": {"crop_shape": crop, "roi": roi, "seed": seed},
             },
             "model": {
-                "encoder": {**ENCODER, "pos_embed": "learned"},
+                "encoder": {**ENCODER, "img_size": crop, "pos_embed": "learned"},
                 "feature_size": 16,
                 "init": init,
             },
@@ -170,7 +171,7 @@ def finetune_run(
     return result.checkpoint.path, result.metrics
 
 
-def test_scores(
+def score_test_slab(
     task: str, checkpoint: str, image: str, labels: str, test_roi, threshold: float
 ) -> dict:
     """Predict the test slab with the fine-tuned model and score it at the chosen threshold."""
@@ -263,6 +264,7 @@ def main() -> None:
                     [170, 0, 0, 200, 250, 250],
                     [200, 0, 0, 250, 250, 250],
                     "neurons",
+                    CROP,
                 )
             )
         if args.mito:
@@ -275,13 +277,18 @@ def main() -> None:
                     [14, 0, 0, 16, 1024, 1024],
                     [16, 0, 0, 20, 1024, 1024],
                     "mito",
+                    MITO_CROP,
                 )
             )
-        for task, image, labels, roi, val_roi, test_roi, label in settings:
+        for task, image, labels, roi, val_roi, test_roi, label, crop in settings:
             rois = [("full", roi)]
-            if args.low_label:
-                z1 = roi[0] + max(CROP[0], round((roi[3] - roi[0]) * args.low_label))
-                rois.append((f"{args.low_label:.0%} labels", [roi[0], *roi[1:3], z1, *roi[4:6]]))
+            if args.low_label:  # a fraction of the training region, cut along its longest axis
+                axis = int(np.argmax(np.subtract(roi[3:], roi[:3])))
+                small = list(roi)
+                small[axis + 3] = roi[axis] + max(
+                    crop[axis], round((roi[axis + 3] - roi[axis]) * args.low_label)
+                )
+                rois.append((f"{args.low_label:.0%} labels", small))
             for regime, train_roi in rois:
                 for method, init in inits.items():
                     name = f"{label}_{method}_{regime.split()[0]}_seed{seed}"
@@ -297,9 +304,10 @@ def main() -> None:
                         name,
                         args.steps,
                         seed,
+                        crop,
                     )
                     threshold = float(val.get("val_threshold", 0.5))
-                    scores = test_scores(
+                    scores = score_test_slab(
                         task, checkpoint, urls[image], urls[labels], test_roi, threshold
                     )
                     record(
