@@ -241,18 +241,58 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     for seed in args.seeds:
-        if "mae" in args.methods:
+        jobs = [
+            (
+                "mae",
+                lambda seed=seed: pretrain_mae(urls, out, args.pretrain_steps, seed),
+                args.pretrain_steps,
+            ),
+            (
+                "dbmim",
+                lambda seed=seed: pretrain_dbmim(urls, out, args.pretrain_steps, seed),
+                args.pretrain_steps,
+            ),
+            (
+                "mscon",
+                lambda seed=seed: pretrain_mscon(urls, out, args.mscon_steps, seed),
+                args.mscon_steps,
+            ),
+        ]
+        for method, run_pretraining, steps in jobs:
+            if method not in args.methods:
+                continue
             t0 = time.perf_counter()
-            inits["mae"] = f"checkpoint:{pretrain_mae(urls, out, args.pretrain_steps, seed)}"
+            checkpoint, metrics = run_pretraining()
+            inits[method] = f"checkpoint:{checkpoint}"
             record(
                 {
                     "kind": "pretrain",
-                    "method": "mae",
+                    "method": method,
                     "seed": seed,
-                    "steps": args.pretrain_steps,
+                    "steps": steps,
+                    "final_loss": metrics.get("loss"),
+                    "mask_ratio": metrics.get("mask_ratio"),
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
             )
+            if method == "dbmim" and "control" in args.methods:
+                ratio = round(float(metrics["mask_ratio"]), 2)  # where the policy settled
+                t0 = time.perf_counter()
+                checkpoint, metrics = pretrain_mae(
+                    urls, out, steps, seed, ratio=ratio, name="control"
+                )
+                inits["control"] = f"checkpoint:{checkpoint}"
+                record(
+                    {
+                        "kind": "pretrain",
+                        "method": f"control (random masking, ratio {ratio})",
+                        "seed": seed,
+                        "steps": steps,
+                        "final_loss": metrics.get("loss"),
+                        "mask_ratio": ratio,
+                        "seconds": round(time.perf_counter() - t0, 1),
+                    }
+                )
         settings = []
         if not args.skip_neurons:
             settings.append(
