@@ -6,7 +6,9 @@ Each configuration runs in its own subprocess (so peak RSS is its own), in the s
 on random crops with the real step: MAE-3D at mask ratio 0.75 with norm_pix_loss, batch 2, crop
 32×160×160, patch 4×16×16 (800 tokens), decoder 512×6 for base and 128×2 for tiny. On CUDA
 (when present) it uses bf16 autocast and reports model FLOPs utilisation against the peak given
-with --peak-tflops. MS-Con rows are added when neuroray.trainers.mscon exists.
+with --peak-tflops. MS-Con rows (--mscon tiny ...) come from pretrain_throughput_mscon.py, measured
+the same way; their FLOPs are torch's full count (MS-Con's work is mostly convolutions), the MAE
+rows count transformer matmuls only.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CONFIGS = {
     "tiny": {
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--mscon", nargs="*", default=["tiny"], help="MS-Con configs to add")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, for MFU")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,6 +144,22 @@ def main() -> None:
             command += ["--peak-tflops", str(args.peak_tflops)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    mscon = Path(__file__).with_name("pretrain_throughput_mscon.py")
+    for name in args.mscon:  # same measurement, its own subprocess (see that file)
+        command = [
+            sys.executable,
+            str(mscon),
+            "--one",
+            name,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        row["config"] = f"MS-Con {name}"
+        rows.append(row)
     print(
         f"\ncrop {CROP}, patch (4, 16, 16), mask ratio 0.75, batch {args.batch}, {args.steps} timed steps\n"
     )
