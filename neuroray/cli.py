@@ -155,6 +155,12 @@ def cmd_pretrain_2d(args: argparse.Namespace) -> None:
     print(pretrain2d.run_job(_load_job(pretrain2d.JOB_CLASS, args)).summary())
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from neuroray.tuning import sweeps
+
+    print(sweeps.run_job(_load_job(sweeps.JOB_CLASS, args)).summary())
+
+
 def cmd_segment(args: argparse.Namespace) -> None:
     from neuroray.segmentation.blockwise import SegmentConfig, segment
 
@@ -249,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_arguments(pretrain_2d, config_required=False)
     pretrain_2d.set_defaults(func=cmd_pretrain_2d)
+
+    tune = commands.add_parser(
+        "tune", help="Ray Tune sweep of a fine-tuning job (ASHA, resumable, writes the best job)"
+    )
+    _add_job_arguments(tune)
+    tune.set_defaults(func=cmd_tune)
 
     seg = commands.add_parser(
         "segment", help="blockwise prediction + agglomeration of a whole volume on Ray"
