@@ -248,7 +248,14 @@ def save_checkpoint(
 
 
 def load_model_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``model.pt`` of a checkpoint (a checkpoint directory, a run directory or the file)."""
+    """``model.pt`` of a checkpoint (a checkpoint directory, a run directory or the file).
+
+    A checkpoint directory on a bucket (``s3://…/checkpoint_…``, ``gs://…``) is downloaded first.
+    """
+    if is_remote(str(path)):
+        from ray.train import Checkpoint
+
+        path = Checkpoint(str(path)).to_directory()
     path = Path(path)
     if path.is_dir() and not (path / "model.pt").exists():
         path = latest_checkpoint(path)
