@@ -3,8 +3,6 @@ also where labels touch without a boundary (fib_medulla_s2)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import cc3d
 import h5py
 import numpy as np
@@ -84,8 +82,6 @@ def test_mean_affinity_fragments_merge_the_touching_medulla_cube(medulla):
 @pytest.mark.parametrize("method", AGGLOMERATORS.names())
 @pytest.mark.parametrize("volume", ["gala", "medulla"])
 def test_round_trip_reproduces_the_labels(volume, method, request):
-    if method == "mwatershed" and importlib.util.find_spec("mwatershed") is None:
-        pytest.skip("mwatershed is not installed (pip install mwatershed)")
     labels = request.getfixturevalue(volume)
     affs, _ = seg_to_affinities(labels)
     segmentation = agglomerate(affs, [0.5], method=method)[0.5]
@@ -150,13 +146,6 @@ def test_waterz_log_is_silenced_unless_asked_for(capfd):
     assert "threshold" not in capfd.readouterr().out
     agglomerate(affs, [0.5], quiet=False)
     assert "merging until threshold" in capfd.readouterr().out
-
-
-@pytest.mark.skipif(importlib.util.find_spec("mwatershed") is not None, reason="installed")
-def test_missing_mwatershed_names_the_package():
-    affs, _ = seg_to_affinities(np.ones((2, 2, 2), int))
-    with pytest.raises(AgglomerationError, match="pip install mwatershed"):
-        agglomerate(affs, [0.5], method="mwatershed")
 
 
 def test_bad_input_raises_helpful_errors():
