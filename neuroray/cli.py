@@ -74,6 +74,21 @@ def cmd_data_ingest(args: argparse.Namespace) -> None:
     print(result.summary())
 
 
+def cmd_data_lm(args: argparse.Namespace) -> None:
+    from neuroray.errors import ConfigError
+    from neuroray.platform.lm_data import prepare_lm_stacks
+
+    if len(args.stacks) % 2:
+        raise ConfigError("give TIFF and SWC files in pairs: STACK.tif STACK.swc [...]")
+    pairs = list(zip(args.stacks[::2], args.stacks[1::2], strict=True))
+    layers = prepare_lm_stacks(
+        pairs, args.dst, radius_floor_px=args.radius_floor_px, gap_z=args.gap_z, progress=True
+    )
+    print(f"image: {layers.image}\nlabels: {layers.labels}")
+    for name, box in layers.stacks.items():
+        print(f"{name}: roi {box.to_list()}")
+
+
 def cmd_data_synth(args: argparse.Namespace) -> None:
     from neuroray.platform.synthetic import write_synthetic
 
@@ -222,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing layer instead of resuming"
     )
     ingest.set_defaults(func=cmd_data_ingest)
+
+    lm = data_commands.add_parser(
+        "lm",
+        help="light-microscopy stacks + gold SWCs -> aligned image and rasterised label layers",
+    )
+    lm.add_argument("dst", help="output directory (image/ and labels/ layers)")
+    lm.add_argument("stacks", nargs="+", metavar="TIF SWC", help="pairs of stack and its SWC")
+    lm.add_argument(
+        "--radius-floor-px", type=float, default=2.0, help="minimum neurite radius (x pixels)"
+    )
+    lm.add_argument("--gap-z", type=int, default=32, help="empty slices between stacks")
+    lm.set_defaults(func=cmd_data_lm)
 
     synth = data_commands.add_parser("synth", help="write a synthetic EM or LM volume")
     synth.add_argument("kind", choices=["em", "lm"])

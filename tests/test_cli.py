@@ -67,3 +67,15 @@ def test_only_working_commands_are_listed():
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
     for name, sub in commands.items():
         assert sub.get_default("func") is not None or sub._subparsers is not None, name
+
+
+def test_data_lm_prepares_stacks_and_checks_pairs(capsys, data_dir, tmp_path):
+    lm = data_dir / "lm"
+    argv = ["data", "lm", str(tmp_path / "op"), str(lm / "OP_1.tif"), str(lm / "OP_1.swc")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "OP_1: roi [0, 0, 0, 60, 512, 512]" in out
+    labels = open_volume(tmp_path / "op" / "labels")
+    assert labels.layer_type == "segmentation" and labels[:].any()
+    assert main(argv[:-1]) == 2
+    assert "in pairs" in capsys.readouterr().err
