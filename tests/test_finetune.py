@@ -54,9 +54,14 @@ def test_targets_have_the_documented_shapes(data_dir):
     assert (weights[0, 0] == 0).all()  # the first z slice has no z neighbour
     assert (weights[1, :, 0] == 0).all() and (weights[2, :, :, 0] == 0).all()
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    target, w = binary_targets(labels == ids[np.argmax(counts)], balance=True)  # > 1% foreground
+    common = labels == ids[np.argmax(counts)]
+    assert common.mean() > 0.05
+    target, w = binary_targets(common, balance=True)
     positive = target[0] > 0
     assert w[0][positive].sum() == pytest.approx(w[0][~positive].sum(), rel=1e-3)
+    rare = labels == ids[np.argmin(counts)]  # far under 5% of the crop
+    target, w = binary_targets(rare, balance=True)
+    assert w[0][target[0] > 0].max() == pytest.approx(10.0)  # capped, not 0.5 / fraction
 
 
 def test_em_finetune_segment_evaluate(ray_session, gala_layers, tmp_path):
