@@ -133,7 +133,7 @@ def test_em_artefacts_change_only_what_they_say():
 
     shifted = synth_em(EM_SHAPE, 7, misaligned_sections=1, max_misalignment_px=5)
     ((z, dy, dx),) = shifted.misalignments
-    assert 1 <= z < EM_SHAPE[0] and max(abs(dy), abs(dx)) <= 5
+    assert z >= 1 and z < EM_SHAPE[0] and max(abs(dy), abs(dx)) <= 5
     assert np.array_equal(shifted.raw[:z], clean.raw[:z])
     for name in ("raw", "labels"):
         moved = getattr(shifted, name)[z:, 5 + dy : 91 + dy, 5 + dx : 91 + dx]

@@ -207,6 +207,11 @@ def warmup_cosine(optim: OptimConfig, total_steps: int):
     return factor
 
 
+def _load_tensors(path: Path) -> dict[str, Any]:
+    """A checkpoint file, without running pickled code (weights_only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _frozen_until(schedule, until: int):
     """A group's schedule with lr 0 before step ``until`` (a frozen warm-up that DDP tolerates,
     unlike toggling requires_grad after the model is wrapped)."""
@@ -263,7 +268,7 @@ def load_model_checkpoint(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise NeurorayError(f"no neuroray checkpoint at {path} (expected model.pt inside)")
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        checkpoint = _load_tensors(file)
     except Exception as err:
         raise NeurorayError(f"{file} is not a readable neuroray checkpoint: {err}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -330,12 +335,8 @@ def run_worker(task: TrainTask) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            weights = torch.load(
-                Path(directory) / "model.pt", map_location="cpu", weights_only=True
-            )
-            state = torch.load(
-                Path(directory) / "train_state.pt", map_location="cpu", weights_only=True
-            )
+            weights = _load_tensors(Path(directory) / "model.pt")
+            state = _load_tensors(Path(directory) / "train_state.pt")
         raw_model.load_state_dict(weights["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
