@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/neuroray demo
+	$(BIN)/neuroray demo --fresh
 
 test: $(STAMP)
 	$(BIN)/pytest -q

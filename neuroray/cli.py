@@ -204,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from neuroray.demo import run_demo
 
-    run_demo(args.out, address=args.address)
+    run_demo(args.out, address=args.address, fresh=args.fresh)
 
 
 # ---------------------------------------------------------------------- parser
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="demo_out", help="where the demo writes everything")
     demo.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
+    demo.add_argument(
+        "--fresh", action="store_true", help="delete --out first (else a rerun resumes)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     for extend in EXTENSIONS:

@@ -327,8 +327,16 @@ STAGES: list[tuple[str, Stage]] = [
 ]
 
 
-def run_demo(out: str | Path = "demo_out", address: str | None = None) -> DemoRun:
+def run_demo(
+    out: str | Path = "demo_out", address: str | None = None, fresh: bool = False
+) -> DemoRun:
+    """Run every stage into ``out``. Rerunning into the same folder resumes (finished chunks,
+    checkpoints and blocks are kept); ``fresh`` deletes the folder first."""
+    import shutil
+
     run = DemoRun(out=Path(out).resolve(), address=address)
+    if fresh and run.out.exists():
+        shutil.rmtree(run.out)
     run.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for name, stage in STAGES:
