@@ -131,6 +131,23 @@ def local_head(log: Path, num_cpus: int = 2) -> Iterator[tuple[str, dict[str, st
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _submit(
+    env: dict[str, str], url: str, job_id: str, entrypoint: list[str], timeout_s: float = 180
+) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job server has no agent registered yet (the
+    server answers `ray job list` a few seconds before its dashboard agent can take a job)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        submit = _ray(
+            env, "job", "submit", "--address", url, "--submission-id", job_id, "--no-wait",
+            "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint,
+        )  # fmt: skip
+        not_ready = "No available agent" in submit.stdout + submit.stderr
+        if submit.returncode == 0 or not not_ready or time.monotonic() > deadline:
+            return submit
+        time.sleep(2)
+
+
 def _job_status(env: dict[str, str], url: str, job_id: str) -> str:
     """The job's state as `ray job status` words it ("Job 'x' succeeded", "Status for job 'x':
     RUNNING")."""
@@ -174,10 +191,7 @@ def test_pretrain_job_submitted_to_a_local_head_succeeds(data_dir, tmp_path):
         refused = _ray(anonymous, "job", "list", "--address", url)
         assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
 
-        submit = _ray(
-            env, "job", "submit", "--address", url, "--submission-id", job_id, "--no-wait",
-            "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint,
-        )  # fmt: skip
+        submit = _submit(env, url, job_id, entrypoint)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         status = _wait_for(env, url, job_id, timeout_s=300)
         logs = _ray(env, "job", "logs", job_id, "--address", url).stdout
