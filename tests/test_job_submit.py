@@ -169,6 +169,7 @@ def _wait_for(env: dict[str, str], url: str, job_id: str, timeout_s: float) -> s
     return "TIMEOUT"
 
 
+@pytest.mark.flaky(reruns=1)  # a whole cluster run: one rerun, reported as R
 @pytest.mark.slow
 def test_pretrain_job_submitted_to_a_local_head_succeeds(data_dir, tmp_path):
     raw = str(tmp_path / "raw")

@@ -261,6 +261,7 @@ def _event_files(folder: Path) -> list[Path]:
     return list(folder.rglob("events.out.tfevents*"))
 
 
+@pytest.mark.flaky(reruns=1)  # a whole cluster run: one rerun, reported as R
 @pytest.mark.slow
 def test_asha_sweep_stops_weak_trials_and_its_best_job_runs(ray_session, gala_layers, tmp_path):
     """4 trials on 2 CPUs: 2 good learning rates, 2 far too small. The weak ones equal the
@@ -315,6 +316,7 @@ def test_asha_sweep_stops_weak_trials_and_its_best_job_runs(ray_session, gala_la
     assert checkpoint["kind"] == "finetune_em" and checkpoint["step"] == 16
 
 
+@pytest.mark.flaky(reruns=1)  # a whole cluster run: one rerun, reported as R
 @pytest.mark.slow
 def test_a_trial_whose_worker_dies_resumes_and_the_sweep_completes(
     ray_session, gala_layers, tmp_path
