@@ -123,7 +123,7 @@ def main() -> None:
     print(
         f"\n{CROP} uint8 crops from a 250^3 precomputed layer (64^3 raw+gzip chunks), {args.crops} crops\n"
     )
-    print(f"| source | crops/s | × CloudVolume | × numpy |")
+    print("| source | crops/s | × CloudVolume | × numpy |")
     print("|---|---:|---:|---:|")
     for name, value in rows.items():
         print(f"| {name} | {value:,.0f} | {value / direct:.1f} | {value / ceiling:.2f} |")
@@ -132,14 +132,18 @@ def main() -> None:
         f"\nidle ChunkServer private memory (fixed overhead): {overhead / 2**20:.0f} MiB; "
         f"cache budget per server {args.cache_mb:.0f} MiB (chunks mode: in the shared object store)"
     )
-    print("| pool | server | peak private MiB | over idle | heap cache MiB | shared cache MiB |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "| pool | server | peak private MiB | over idle | heap cache MiB | shared cache MiB "
+        "| within budget + overhead |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
     for key, stats in memory.items():
         for i, s in enumerate(stats):
             peak = s["peak_private_bytes"]
             print(
                 f"| {key} | {i} | {peak / 2**20:.0f} | {(peak - overhead) / 2**20:.0f} | "
-                f"{s['heap_cached_bytes'] / 2**20:.0f} | {s['shared_cached_bytes'] / 2**20:.0f} |"
+                f"{s['heap_cached_bytes'] / 2**20:.0f} | {s['shared_cached_bytes'] / 2**20:.0f} | "
+                f"{'yes' if peak <= overhead + budget else 'NO'} |"
             )
 
 
