@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,13 @@ def _held_cpus(ray) -> float:
     return ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
 
 
+def _idle_within(ray, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _held_cpus(ray) > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _held_cpus(ray) <= 0
+
+
 def _release_leaks(ray) -> list[str]:
     """Kill actors and remove placement groups that still hold CPUs; returns what was freed."""
     from ray.util.placement_group import PlacementGroup
@@ -69,22 +79,10 @@ def _ray_released(request):
     groups holding CPUs would starve every later Train / Tune test, which would then wait for
     resources forever; the leak is reported as a warning and freed so the run goes on."""
     yield
-    import sys
-    import warnings
-
-    ray = sys.modules.get("ray")
+    ray = sys.modules.get("ray")  # only tests that imported Ray can have left it busy
     if ray is None or not ray.is_initialized():
         return
     if not _idle_within(ray, 30):
         freed = _release_leaks(ray)
         _idle_within(ray, 30)
         warnings.warn(f"{request.node.nodeid} left CPUs held; freed {freed}", stacklevel=1)
-
-
-def _idle_within(ray, seconds: float) -> bool:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while _held_cpus(ray) > 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return _held_cpus(ray) <= 0
