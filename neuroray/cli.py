@@ -47,10 +47,12 @@ def cmd_data_info(args: argparse.Namespace) -> None:
 
     volume = open_volume(args.url)
     info = volume.info()
-    try:
-        manifest = read_manifest(args.url)
-    except (NeurorayError, ValueError):
-        manifest = None
+    manifest = None
+    if volume.format_name in ("precomputed", "zarr"):  # only ingested layers carry a manifest
+        try:
+            manifest = read_manifest(args.url)
+        except (NeurorayError, ValueError, OSError):
+            manifest = None
     if manifest is not None:
         table = manifest.to_pandas()
         info["manifest"] = {"chunks": len(table)}
@@ -61,7 +63,20 @@ def cmd_data_info(args: argparse.Namespace) -> None:
             info["manifest"]["max_ids_per_chunk"] = int(table["n_ids"].max())
         else:
             info["manifest"]["mean_intensity"] = round(float(table["mean"].mean()), 3)
-    print(json.dumps(info, indent=2))
+    print(json.dumps(_finite(info), indent=2, allow_nan=False))
+
+
+def _finite(value):
+    """``value`` with NaN / Inf floats as None, so the JSON stays valid (``null``)."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def cmd_data_ingest(args: argparse.Namespace) -> None:
@@ -69,7 +84,12 @@ def cmd_data_ingest(args: argparse.Namespace) -> None:
 
     labels = True if args.labels else (False if args.image else None)
     result = ingest(
-        args.src, args.dst, chunk_shape=args.chunks, labels=labels, overwrite=args.overwrite
+        args.src,
+        args.dst,
+        chunk_shape=args.chunks,
+        labels=labels,
+        overwrite=args.overwrite,
+        repair=args.repair,
     )
     print(result.summary())
 
@@ -82,7 +102,12 @@ def cmd_data_lm(args: argparse.Namespace) -> None:
         raise ConfigError("give TIFF and SWC files in pairs: STACK.tif STACK.swc [...]")
     pairs = list(zip(args.stacks[::2], args.stacks[1::2], strict=True))
     layers = prepare_lm_stacks(
-        pairs, args.dst, radius_floor_px=args.radius_floor_px, gap_z=args.gap_z, progress=True
+        pairs,
+        args.dst,
+        radius_floor_px=args.radius_floor_px,
+        gap_z=args.gap_z,
+        overwrite=args.overwrite,
+        progress=True,
     )
     print(f"image: {layers.image}\nlabels: {layers.labels}")
     for name, box in layers.stacks.items():
@@ -112,6 +137,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser, config_required: bool = 
 def _load_job(model: type, args: argparse.Namespace):
     from neuroray.config import load_config
     from neuroray.errors import ConfigError
+    from neuroray.paths import check_inputs
 
     paths = [a for a in args.args if "=" not in a]
     overrides = [*getattr(args, "fixed_overrides", []), *(a for a in args.args if "=" in a)]
@@ -119,7 +145,9 @@ def _load_job(model: type, args: argparse.Namespace):
         raise ConfigError(f"give one config YAML followed by KEY=VALUE overrides (got {args.args})")
     if args.address:
         overrides.append(f"ray.address={args.address}")
-    return load_config(model, paths[0] if paths else None, overrides)
+    job = load_config(model, paths[0] if paths else None, overrides)
+    check_inputs(job)  # before Ray starts: a missing layer should not cost a cluster start-up
+    return job
 
 
 def _report_training(result) -> None:
@@ -236,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--overwrite", action="store_true", help="replace an existing layer instead of resuming"
     )
+    ingest.add_argument(
+        "--repair", action="store_true", help="rewrite the chunks of the layer that fail to decode"
+    )
     ingest.set_defaults(func=cmd_data_ingest)
 
     lm = data_commands.add_parser(
@@ -248,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--radius-floor-px", type=float, default=2.0, help="minimum neurite radius (x pixels)"
     )
     lm.add_argument("--gap-z", type=int, default=32, help="empty slices between stacks")
+    lm.add_argument(
+        "--overwrite", action="store_true", help="replace existing layers instead of resuming"
+    )
     lm.set_defaults(func=cmd_data_lm)
 
     synth = data_commands.add_parser("synth", help="write a synthetic EM or LM volume")

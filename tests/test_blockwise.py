@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neuroray.errors import NeurorayError
+from neuroray.errors import NeurorayError, VolumeError
+from neuroray.platform.box import chunk_grid
 from neuroray.platform.volume import create_volume, open_volume
 from neuroray.segmentation.blockwise import SegmentConfig, segment
 from neuroray.segmentation.inference import segment_affinities
@@ -26,12 +27,19 @@ def noisy_affinities(data_dir, tmp_path_factory):
     return url, labels
 
 
-def test_blocks_match_whole_volume_quality(ray_session, noisy_affinities, tmp_path):
+@pytest.fixture(scope="module")
+def clean_run(ray_session, noisy_affinities, tmp_path_factory):
+    """One undisturbed blockwise run: the reference the fault tests compare with."""
+    url, _ = noisy_affinities
+    return segment(SegmentConfig(affinities=url, output=str(tmp_path_factory.mktemp("clean")),
+                                 block_shape=(32, 64, 64)), progress=False)
+
+
+def test_blocks_match_whole_volume_quality(noisy_affinities, clean_run):
     url, labels = noisy_affinities
     affs = open_volume(url)[:].astype(np.float32) / 255
     whole = segment_affinities(affs, [0.5])[0.5]
-    result = segment(SegmentConfig(affinities=url, output=str(tmp_path / "out"),
-                                   block_shape=(32, 64, 64)), progress=False)
+    result = clean_run
     assert [s.stage for s in result.stages] == ["agglomerate", "stitch", "relabel"]
     assert result.stages[0].done == 8
     blocks = open_volume(result.layers["segmentation"])[:]
@@ -45,20 +53,31 @@ def test_blocks_match_whole_volume_quality(ray_session, noisy_affinities, tmp_pa
     assert crossing.mean() > 0.5
 
 
-def test_killed_worker_fails_loudly_and_rerun_finishes_only_missing_blocks(
-    ray_session, noisy_affinities, tmp_path
+def test_block_killed_mid_write_is_rewritten_and_labels_equal_a_clean_run(
+    ray_session, noisy_affinities, clean_run, tmp_path
 ):
-    url, labels = noisy_affinities
+    """Block 3's worker writes its chunk, the file is cut to half (a torn write) and the process
+    dies (os._exit) before its marker. The job fails loudly; the rerun redoes only block 3 and
+    every layer equals the undisturbed run's bit for bit."""
+    url, _ = noisy_affinities
     config = SegmentConfig(affinities=url, output=str(tmp_path / "out"),
-                           block_shape=(32, 64, 64), fail_on_blocks=[3])
+                           block_shape=(32, 64, 64), fail_on_blocks=[3], fail_mode="torn_write")
     with pytest.raises(NeurorayError, match=r"1 of 8 blocks failed.*\[3\].*rerun"):
         segment(config, progress=False)
     assert not (tmp_path / "out" / ".neuroray" / "blockwise" / "agglomerate" / "3.json").exists()
+    torn = open_volume(str(tmp_path / "out" / "blocks"))
+    block3 = list(chunk_grid(torn.bounds, config.block_shape))[3]
+    with pytest.raises(VolumeError, match="corrupt or truncated"):
+        torn.read(block3)  # the torn chunk really is on disk
+
     result = segment(config, progress=False)
     agglomerate = result.stages[0]
     assert (agglomerate.done, agglomerate.skipped) == (1, 7)
-    seg = open_volume(result.layers["segmentation"])[:]
-    assert evaluate_segmentation(seg, labels).voi < 1.0
+    for name in ("blocks", "segmentation"):
+        clean = open_volume(f"{clean_run.output}/{name}")[:]
+        rerun = open_volume(f"{result.output}/{name}")[:]
+        assert rerun.dtype == clean.dtype and np.count_nonzero(clean) > 0
+        np.testing.assert_array_equal(rerun, clean, err_msg=name)
 
 
 def test_bad_segment_configs(ray_session, noisy_affinities, tmp_path):

@@ -125,9 +125,10 @@ def test_bad_inputs(tmp_path, data_dir):
     with pytest.raises(VolumeError, match="precomputed layers or .zarr"):
         ingest(f"{data_dir}/em/fib_gala_train.h5#raw", str(tmp_path / "o.h5"), progress=False)
     ingest(f"{data_dir}/em/fib_gala_train.h5#raw", str(tmp_path / "o3"), progress=False)
-    with pytest.raises(VolumeError, match="already holds a different layer"):
+    with pytest.raises(VolumeError, match="other inputs or settings.*layer_type.*--overwrite"):
         ingest(f"{data_dir}/em/fib_gala_train.h5#labels", str(tmp_path / "o3"), progress=False)
     negative = np.full((4, 4, 4), -3, np.int64)
     np.save(tmp_path / "neg.npy", negative)
     with pytest.raises(VolumeError, match="non-negative"):
         ingest(str(tmp_path / "neg.npy"), str(tmp_path / "o4"), labels=True, progress=False)
+    assert not (tmp_path / "o4").exists()  # found part-way: the new layer is removed again

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from neuroray.config import StrictModel
 from neuroray.models.vit3d import ModelError
+from neuroray.paths import OutputPath
 
 #: Photographs bundled in the scikit-image wheel (skimage/data/*.png|jpg), loadable offline.
 #: ``motorcycle_left`` / ``motorcycle_right`` are the two views of ``stereo_motorcycle``.
@@ -78,7 +79,7 @@ class Pretrain2DConfig(StrictModel):
     scores ~1.0) falling 0.96 -> 0.79 (means of the first / last 40 steps), flat after ~250.
     """
 
-    output: str = "runs/vit2d"
+    output: OutputPath = Field("runs/vit2d", validate_default=True)
     """Directory for vit2d.safetensors + vit2d.json."""
     images: tuple[str, ...] = NATURAL_IMAGES
     img_size: int = Field(64, ge=8)

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from neuroray.errors import VolumeError
+from neuroray.paths import local_file
 from neuroray.platform.box import Box, chunk_grid
+from neuroray.platform.provenance import check_resume, source_identity, write_fingerprint
+from neuroray.platform.storage import delete, get, put_atomic, remove_tree
 from neuroray.platform.volume import (
     VOLUME_FORMATS,
     LayerType,
@@ -48,11 +52,15 @@ class IngestResult:
     chunks_skipped: int
     seconds: float
     megabytes: float
+    nonfinite_voxels: int = 0
+    chunks_repaired: int = 0
 
     def summary(self) -> str:
         rate = self.megabytes / self.seconds if self.seconds > 0 else float("inf")
+        repaired = f" ({self.chunks_repaired} failed to decode)" if self.chunks_repaired else ""
         return (
-            f"{self.url}: {self.chunks_written} chunks written, {self.chunks_skipped} already done, "
+            f"{self.url}: {self.chunks_written} chunks written{repaired}, "
+            f"{self.chunks_skipped} already done, "
             f"{self.megabytes:.1f} MB in {self.seconds:.1f} s ({rate:.1f} MB/s); "
             f"manifest {self.manifest_url}"
         )
@@ -68,28 +76,11 @@ def _layer_dir(url: str) -> str:
     return path if "://" in path else "file://" + os.path.abspath(path)
 
 
+__all__ = ["put_atomic"]  # re-exported: markers elsewhere are written the same way
+
+
 def format_of_output(url: str) -> OutputFormat:
     return "zarr" if ZarrVolume.matches(url) else "precomputed"
-
-
-def put_atomic(directory: str, name: str, content: bytes) -> None:
-    """Write ``directory/name`` so readers see the old file or the whole new one, never a part."""
-    if directory.startswith("file://"):
-        path = Path(directory.removeprefix("file://")) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    else:  # object stores replace whole objects atomically
-        from cloudfiles import CloudFiles
-
-        CloudFiles(directory).put(name, content, compress=None)
-
-
-def _get(directory: str, name: str) -> bytes | None:
-    from cloudfiles import CloudFiles
-
-    return CloudFiles(directory).get(name)
 
 
 def manifest_url(layer_url: str) -> str:
@@ -98,7 +89,7 @@ def manifest_url(layer_url: str) -> str:
 
 def read_manifest(layer_url: str) -> pa.Table:
     """The manifest written by :func:`ingest` next to a layer."""
-    content = _get(_layer_dir(layer_url), MANIFEST_NAME)
+    content = get(_layer_dir(layer_url), MANIFEST_NAME)
     if content is None:
         raise VolumeError(
             f"{layer_url} has no {MANIFEST_NAME}; create it with `neuroray data ingest`"
@@ -123,11 +114,16 @@ def chunk_stats(data: np.ndarray, layer_type: LayerType) -> dict[str, Any]:
             "n_ids": int(ids.size),
         }
     values = data.astype(np.float64, copy=False)
+    finite = np.isfinite(values)
+    nonfinite = int(finite.size - np.count_nonzero(finite))
+    if nonfinite:
+        values = values[finite]
     return {
-        "mean": float(values.mean()),
-        "std": float(values.std()),
+        "mean": float(values.mean()) if values.size else None,
+        "std": float(values.std()) if values.size else None,
         "foreground_fraction": None,
         "n_ids": None,
+        **({"nonfinite": nonfinite} if nonfinite else {}),
     }
 
 
@@ -173,39 +169,54 @@ def _output_dtype(source: Volume, layer_type: LayerType) -> np.dtype:
     return np.dtype("uint32")
 
 
-def _open_or_create_destination(
-    source: Volume,
-    dst: str,
-    *,
-    chunk_shape: tuple[int, int, int],
-    layer_type: LayerType,
-    dtype: np.dtype,
-    overwrite: bool,
-) -> Volume:
-    spec = {
-        "shape": source.shape,
-        "dtype": dtype,
-        "chunk_shape": tuple(min(c, s) for c, s in zip(chunk_shape, source.shape, strict=True)),
-        "voxel_size": source.voxel_size,
-        "layer_type": layer_type,
-        "num_channels": source.num_channels,
+def _holds_layer(dst: str) -> bool:
+    """Whether ``dst`` already holds a layer (its metadata file), as opposed to nothing."""
+    try:
+        open_volume(dst)
+    except VolumeError:
+        return False
+    return True
+
+
+def _check_destination(dst: str, overwrite: bool) -> None:
+    """Refuse a local destination that holds files but no layer (a typo such as ``.`` or a
+    data folder): neither resuming nor ``--overwrite`` may write into it or delete it."""
+    path = local_file(dst)
+    if path is None or not path.is_dir() or not any(path.iterdir()) or _holds_layer(dst):
+        return
+    raise VolumeError(
+        f"{dst} is a folder with other files in it, not a layer; ingest into a new or empty "
+        "folder" + (" (--overwrite only replaces layers)" if overwrite else "")
+    )
+
+
+def _fingerprint(source: Volume, spec: dict[str, Any]) -> dict[str, Any]:
+    digest = getattr(source, "content_sha256", None)
+    return {
+        "kind": "ingest",
+        "source": source_identity(source.url, digest() if digest else None),
+        **{key: _plain(value) for key, value in spec.items()},
     }
-    if not overwrite:
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.dtype):
+        return value.name
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _verify_chunks(destination: Volume, boxes: list[Box], directory: str) -> int:
+    """``--repair``: forget the marker of every chunk that no longer decodes; returns how many."""
+    broken = 0
+    for box in tqdm(boxes, desc="verify chunks", unit="chunk", leave=False):
+        if get(directory, _marker_name(box)) is None:
+            continue
         try:
-            existing = open_volume(dst, "r+")
+            destination.read(box)
         except VolumeError:
-            existing = None
-        if existing is not None:
-            found = (existing.shape, existing.dtype, existing.chunk_shape, existing.num_channels)
-            wanted = (spec["shape"], dtype, spec["chunk_shape"], source.num_channels)
-            if found != wanted:
-                raise VolumeError(
-                    f"{dst} already holds a different layer (shape, dtype, chunks, channels = "
-                    f"{found}, this ingest needs {wanted}); choose another destination or "
-                    "pass --overwrite"
-                )
-            return existing
-    return create_volume(dst, format=format_of_output(dst), overwrite=True, **spec)
+            delete(directory, _marker_name(box))
+            broken += 1
+    return broken
 
 
 def ingest(
@@ -215,6 +226,7 @@ def ingest(
     chunk_shape: tuple[int, int, int] = (64, 64, 64),
     labels: bool | None = None,
     overwrite: bool = False,
+    repair: bool = False,
     progress: bool = True,
     on_chunk: Callable[[Box], None] | None = None,
 ) -> IngestResult:
@@ -222,28 +234,75 @@ def ingest(
 
     ``labels`` forces a segmentation (True) or image (False) layer; by default 32/64-bit integer
     sources become segmentation layers. Rerunning after an interruption writes only the chunks
-    that were not finished. ``on_chunk`` is called after each chunk is durably written.
+    that were not finished; a rerun with another source or other settings is refused (see
+    :mod:`neuroray.platform.provenance`) unless ``overwrite``, which empties ``dst`` first.
+    ``repair`` rewrites the chunks of an existing layer that fail to decode.
+    ``on_chunk`` is called after each chunk is durably written.
     """
     source = src if isinstance(src, Volume) else open_volume(src)
     if any(VOLUME_FORMATS.get(name).matches(dst) for name in ("hdf5", "tiff", "npy")):
         raise VolumeError(f"{dst}: ingest writes precomputed layers or .zarr arrays only")
     layer_type = _layer_type_for(source, labels)
     dtype = _output_dtype(source, layer_type)
-    destination = _open_or_create_destination(
-        source,
-        dst,
-        chunk_shape=tuple(int(c) for c in chunk_shape),  # type: ignore[arg-type]
-        layer_type=layer_type,
-        dtype=dtype,
-        overwrite=overwrite,
-    )
+    spec = {
+        "shape": source.shape,
+        "dtype": dtype,
+        "chunk_shape": tuple(
+            min(int(c), s) for c, s in zip(chunk_shape, source.shape, strict=True)
+        ),
+        "voxel_size": source.voxel_size,
+        "layer_type": layer_type,
+        "num_channels": source.num_channels,
+    }
+    fingerprint = _fingerprint(source, spec)
     directory = _layer_dir(dst)
+    _check_destination(dst, overwrite)
+    if overwrite:
+        remove_tree(directory)
+        resuming = False
+    else:
+        resuming = check_resume(directory, fingerprint, what=dst, overwrite_hint="pass --overwrite")
+        if not resuming and _holds_layer(dst):
+            raise VolumeError(
+                f"{dst} already holds a layer that this ingest did not write (it has no "
+                "fingerprint); pass --overwrite to replace it, or choose another destination"
+            )
+    if repair and not resuming and not overwrite:
+        raise VolumeError(f"--repair needs an existing layer ingested from {source.url} at {dst}")
+    if resuming:
+        destination = open_volume(dst, "r+")
+    else:
+        destination = create_volume(dst, format=format_of_output(dst), overwrite=True, **spec)
+        write_fingerprint(directory, fingerprint)
     boxes = list(chunk_grid(destination.bounds, destination.chunk_shape))
+    repaired = _verify_chunks(destination, boxes, directory) if repair else 0
+    try:
+        result = _copy_chunks(source, destination, boxes, directory, layer_type, progress, on_chunk)
+    except VolumeError:
+        if not resuming:  # bad source content found part-way: leave no half-written layer
+            remove_tree(directory)
+        raise
+    result.chunks_repaired = repaired
+    return result
+
+
+def _copy_chunks(
+    source: Volume,
+    destination: Volume,
+    boxes: list[Box],
+    directory: str,
+    layer_type: LayerType,
+    progress: bool,
+    on_chunk: Callable[[Box], None] | None,
+) -> IngestResult:
+    dtype = destination.dtype
     rows: list[dict[str, Any]] = []
-    written = skipped = 0
+    written = skipped = nonfinite = 0
     nbytes = 0
     started = time.perf_counter()
-    bar = tqdm(boxes, desc=f"ingest {Path(dst).name}", unit="chunk", disable=not progress)
+    bar = tqdm(
+        boxes, desc=f"ingest {Path(destination.url).name}", unit="chunk", disable=not progress
+    )
     for box in bar:
         marker = _read_marker(directory, box)
         if marker is None:
@@ -259,6 +318,7 @@ def ingest(
                 on_chunk(box)
         else:
             skipped += 1
+        nonfinite += marker.get("nonfinite", 0)
         rows.append(
             {
                 **dict(zip(("z0", "y0", "x0", "z1", "y1", "x1"), box.to_list(), strict=True)),
@@ -268,18 +328,25 @@ def ingest(
     sink = io.BytesIO()
     pq.write_table(_manifest_table(rows), sink)
     put_atomic(directory, MANIFEST_NAME, sink.getvalue())
+    if nonfinite:
+        warnings.warn(
+            f"{source.url}: {nonfinite} voxels are NaN or infinite; they were copied as they are "
+            "and left out of the manifest's mean and std",
+            stacklevel=3,
+        )
     return IngestResult(
-        url=dst,
+        url=destination.url,
         manifest_url=f"{directory}/{MANIFEST_NAME}",
         chunks_written=written,
         chunks_skipped=skipped,
         seconds=time.perf_counter() - started,
         megabytes=nbytes / 1e6,
+        nonfinite_voxels=nonfinite,
     )
 
 
 def _read_marker(directory: str, box: Box) -> dict[str, Any] | None:
-    content = _get(directory, _marker_name(box))
+    content = get(directory, _marker_name(box))
     if content is None:
         return None
     try:

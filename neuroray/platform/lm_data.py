@@ -21,7 +21,9 @@ crop at most ``gap_z`` deep ever mixes two stacks.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +34,14 @@ import numpy as np
 
 from neuroray.errors import VolumeError
 from neuroray.platform.box import Box
-from neuroray.platform.ingest import ingest, put_atomic
+from neuroray.platform.ingest import ingest
+from neuroray.platform.provenance import (
+    check_resume,
+    file_identity,
+    local_dir,
+    write_fingerprint,
+)
+from neuroray.platform.storage import put_atomic
 from neuroray.platform.swc import rasterize, read_swc
 from neuroray.platform.volume import Volume, open_volume
 
@@ -66,6 +75,10 @@ class ArrayVolume(Volume):
     def _read(self, box: Box) -> np.ndarray:
         return np.asarray(self._data[box.slices])[None]
 
+    def content_sha256(self) -> str:
+        """The array's identity for ingest's fingerprint (it has no file to stat)."""
+        return hashlib.sha256(np.ascontiguousarray(self._data).data).hexdigest()
+
 
 def label_mask(
     swc: str | os.PathLike[str],
@@ -75,8 +88,43 @@ def label_mask(
     radius_floor_px: float = DEFAULT_RADIUS_FLOOR_PX,
 ) -> np.ndarray:
     """The bool label mask of a gold SWC (voxel coordinates) on a stack's grid (see module doc)."""
+    _check_radius_floor(radius_floor_px)
     tree = read_swc(swc, allow_zero_radius=True)
-    return rasterize(tree, shape_zyx, voxel_size, radius_floor=radius_floor_px)
+    mask = rasterize(tree, shape_zyx, voxel_size, radius_floor=radius_floor_px)
+    if not mask.any():
+        raise VolumeError(
+            f"{swc}: no node of this reconstruction lies inside its stack (z, y, x shape "
+            f"{tuple(shape_zyx)}); check that the SWC belongs to this stack and is in voxel units"
+        )
+    return mask
+
+
+def _check_radius_floor(radius_floor_px: float) -> None:
+    if not (math.isfinite(radius_floor_px) and radius_floor_px >= 0):
+        raise VolumeError(f"radius floor must be a finite number >= 0 px, got {radius_floor_px}")
+
+
+def _start(
+    dst: Path,
+    pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+    settings: dict[str, Any],
+    overwrite: bool,
+) -> None:
+    """Check ``dst`` before any work: the same stacks and settings resume; others are refused
+    unless ``overwrite``. Records the fingerprint the layers are about to be written with."""
+    for tif, swc in pairs:
+        for path in (tif, swc):
+            if not Path(path).is_file():
+                raise VolumeError(f"{path} does not exist")
+    fingerprint = {
+        "kind": "lm_stacks",
+        "stacks": [{"tif": file_identity(t), "swc": file_identity(s)} for t, s in pairs],
+        **settings,
+    }
+    directory = local_dir(dst)
+    if not overwrite:
+        check_resume(directory, fingerprint, what=str(dst), overwrite_hint="pass --overwrite")
+    write_fingerprint(directory, fingerprint)
 
 
 def _open_stack(tif: str | os.PathLike[str], voxel_size: Sequence[float] | None) -> Volume:
@@ -145,7 +193,19 @@ def prepare_lm_stack(
     ``dst_dir/lm_stack.json`` records the sources, voxel size, radius floor and foreground fraction.
     """
     dst = Path(dst_dir)
+    _check_radius_floor(radius_floor_px)
     image = _open_stack(tif, voxel_size)
+    _start(
+        dst,
+        [(tif, swc)],
+        {
+            "radius_floor_px": radius_floor_px,
+            "voxel_size": list(image.voxel_size),
+            "chunk_shape": list(chunk_shape),
+            "format": format,
+        },
+        overwrite,
+    )
     labels = label_mask(swc, image.shape, image.voxel_size, radius_floor_px=radius_floor_px)
     urls = _write_layers(
         image,
@@ -215,6 +275,9 @@ def prepare_lm_stacks(
     """
     if not pairs:
         raise VolumeError("prepare_lm_stacks needs at least one (tif, swc) pair")
+    if gap_z < 0:
+        raise VolumeError(f"gap_z must be >= 0 slices, got {gap_z}")
+    _check_radius_floor(radius_floor_px)
     volumes = [_open_stack(tif, voxel_size) for tif, _ in pairs]
     sizes = {v.voxel_size for v in volumes}
     if len(sizes) > 1:
@@ -226,6 +289,18 @@ def prepare_lm_stacks(
     if len(set(names)) != len(names):
         raise VolumeError(f"stack names {names} repeat; give the TIFFs distinct file names")
     size = volumes[0].voxel_size
+    _start(
+        Path(dst_dir),
+        pairs,
+        {
+            "gap_z": gap_z,
+            "radius_floor_px": radius_floor_px,
+            "voxel_size": list(size),
+            "chunk_shape": list(chunk_shape),
+            "format": format,
+        },
+        overwrite,
+    )
     ny = max(v.shape[1] for v in volumes)
     nx = max(v.shape[2] for v in volumes)
     nz = sum(v.shape[0] for v in volumes) + gap_z * (len(volumes) - 1)

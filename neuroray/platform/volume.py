@@ -17,8 +17,12 @@ URLs:
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +49,14 @@ SUPPORTED_DTYPES = (
     "float32",
     "float64",
 )
-REMOTE_SCHEMES = ("gs://", "s3://", "http://", "https://", "matrix://", "tigerdata://")
+REMOTE_SCHEMES = ("gs://", "s3://", "http://", "https://")
+#: Format prefixes a URL may start with, before an optional storage scheme.
+FORMAT_SCHEMES = ("precomputed", "zarr", "zarr2", "zarr3")
+#: Where volumes may live: a local path (or file://), a bucket or a web server.
+STORAGE_SCHEMES = ("file", "gs", "s3", "http", "https")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+#: fsspec backends zarr needs per scheme, and the neuroray extra that installs each.
+FSSPEC_BACKENDS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
 
 
 def _checked_dtype(dtype: Any, url: str) -> np.dtype:
@@ -91,6 +102,7 @@ class Volume(ABC):
                 f"{url}: expected a 3D volume (z, y, x), got shape {self.shape}, "
                 f"voxel size {self.voxel_size}, chunks {self.chunk_shape}"
             )
+        _check_not_empty(self.shape, self.num_channels, url)
 
     # ------------------------------------------------------------------ format plugin interface
     @classmethod
@@ -136,7 +148,8 @@ class Volume(ABC):
         except Exception as err:  # decoding errors from the storage libraries
             raise VolumeError(
                 f"{self.url}: cannot read {box}: {type(err).__name__}: {err}. "
-                "A chunk may be corrupt or truncated; re-ingest or re-write it."
+                "A chunk may be corrupt or truncated: rerun its `neuroray data ingest` with "
+                "--repair (or --overwrite), or re-write it."
             ) from err
         return data[0] if self.num_channels == 1 else data
 
@@ -261,6 +274,189 @@ def _voxel_size_from_attrs(attrs: Any) -> tuple[float, float, float] | None:
     return None
 
 
+def _check_not_empty(shape: Sequence[int], num_channels: int, url: str) -> None:
+    if min(shape) <= 0 or num_channels <= 0:
+        raise VolumeError(
+            f"{url}: the volume is empty (shape z, y, x = {tuple(shape)}, {num_channels} "
+            "channel(s)); every dimension must be at least 1"
+        )
+
+
+# ---------------------------------------------------------------------- URL schemes, remote access
+def url_scheme(url: str) -> str | None:
+    """The storage scheme of ``url`` after any format prefix (``s3`` for ``zarr://s3://b/x``),
+    ``None`` for a local path."""
+    match = _SCHEME.match(url)
+    if match and match.group(1) in FORMAT_SCHEMES:
+        match = _SCHEME.match(url[match.end() :])
+    return match.group(1) if match else None
+
+
+def check_url_scheme(url: str) -> None:
+    """Refuse URL schemes neuroray has no backend for (instead of writing ``./ftp:/host/x``)."""
+    allowed = ", ".join(f"{s}://" for s in (*FORMAT_SCHEMES[:2], *STORAGE_SCHEMES))
+    match = _SCHEME.match(url)
+    rest = url
+    if match and match.group(1) in FORMAT_SCHEMES:
+        rest = url[match.end() :]
+        match = _SCHEME.match(rest)
+    if match and match.group(1) not in STORAGE_SCHEMES:
+        raise VolumeError(
+            f"{url}: unsupported URL scheme {match.group(1)}://; use a local path or one of "
+            f"{allowed} (e.g. precomputed://gs://bucket/layer, zarr://s3://bucket/x.zarr)"
+        )
+
+
+def _bucket_of(url: str) -> str:
+    rest = url
+    for _ in range(2):
+        match = _SCHEME.match(rest)
+        if match:
+            rest = rest[match.end() :]
+    return rest.split("/", 1)[0]
+
+
+def _aws_help(url: str, zarr: bool) -> str:
+    where = (
+        "~/.aws/credentials or AWS_PROFILE"
+        if zarr
+        else "~/.cloudvolume/secrets/aws-secret.json (keys AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY) or ~/.aws/credentials"
+    )
+    return (
+        f"{url}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        f"(and AWS_SESSION_TOKEN) in the environment, or write {where}"
+    )
+
+
+def _google_help(url: str) -> str:
+    return (
+        f"{url}: no Google Cloud credentials found; set GOOGLE_APPLICATION_CREDENTIALS to a "
+        "service-account JSON key, write ~/.cloudvolume/secrets/google-secret.json, or run "
+        "`gcloud auth application-default login`; a public bucket is also readable as "
+        "https://storage.googleapis.com/<bucket>/<path>"
+    )
+
+
+def _aws_credentials_found(bucket: str) -> bool:
+    """Whether CloudVolume (its secrets files, then boto3's chain) will find AWS credentials."""
+    from cloudfiles.secrets import aws_credentials
+
+    try:
+        if aws_credentials(bucket, "s3").get("AWS_ACCESS_KEY_ID"):
+            return True
+    except KeyError as err:  # cloudfiles reads all three variables once the first two are set
+        raise VolumeError(
+            f"s3://{bucket}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set but {err} is "
+            "not; CloudVolume reads all three (or write ~/.cloudvolume/secrets/aws-secret.json)"
+        ) from None
+    import botocore.session
+
+    try:
+        return botocore.session.Session().get_credentials() is not None
+    except Exception:  # noqa: BLE001 - a broken profile is as good as none
+        return False
+
+
+def _google_credentials_found(bucket: str) -> bool:
+    """Whether CloudVolume (its secrets files, then google-auth's defaults) will find any,
+    decided from files and the environment only: no metadata-server round trip."""
+    from cloudfiles.secrets import secretpath
+
+    if any(
+        os.path.exists(secretpath(name))
+        for name in (f"{bucket}-google-secret.json", "google-secret.json")
+    ):
+        return True
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or os.environ.get("GCE_METADATA_HOST"):
+        return True
+    gcloud = os.environ.get("CLOUDSDK_CONFIG") or os.path.expanduser("~/.config/gcloud")
+    if os.path.isfile(os.path.join(gcloud, "application_default_credentials.json")):
+        return True
+    if os.environ.get("NO_GCE_CHECK") == "true":  # google-auth then skips the metadata server
+        return False
+    try:  # on a Google Cloud VM the metadata server supplies credentials
+        with open("/sys/class/dmi/id/product_name") as f:
+            return f.read().startswith("Google")
+    except OSError:
+        return False
+
+
+def _probe_http(url: str) -> None:
+    """One request (no retries) so an unreachable host fails in seconds, not after a minute."""
+    import requests
+
+    try:
+        response = requests.get(url, timeout=(5, 30), stream=True)
+        response.close()
+    except requests.RequestException as err:
+        raise VolumeError(
+            f"cannot reach {url}: {type(err).__name__}; check the URL, the network and any "
+            "proxy settings (HTTPS_PROXY / HTTP_PROXY)"
+        ) from None
+    if response.status_code == 404:
+        raise VolumeError(f"no volume at {url}: the server answers 404 Not Found")
+    if response.status_code in (401, 403):
+        raise VolumeError(
+            f"{url}: the server refuses access ({response.status_code}); this layer is not public"
+        )
+    if response.status_code >= 400:
+        raise VolumeError(f"{url}: the server answers HTTP {response.status_code}")
+
+
+def check_remote_access(url: str, format_name: str, *, create: bool = False) -> None:
+    """Fail fast, before any library's retry loop, when a remote volume cannot be reached:
+    missing credentials, a missing fsspec backend, an unreachable web server."""
+    scheme = url_scheme(url)
+    if scheme in (None, "file"):
+        return
+    if create and scheme in ("http", "https"):
+        raise VolumeError(
+            f"{url}: http(s) volumes are read-only; write to a local path, gs:// or s3://"
+        )
+    if format_name == "zarr":
+        if scheme in FSSPEC_BACKENDS:
+            package, extra = FSSPEC_BACKENDS[scheme]
+            if importlib.util.find_spec(package) is None:
+                raise VolumeError(
+                    f"{url}: zarr on {scheme}:// needs the fsspec backend {package}; install it "
+                    f"with `pip install 'neuroray[{extra}]'`"
+                )
+        return
+    bucket = _bucket_of(url)
+    if scheme == "s3" and not _aws_credentials_found(bucket):
+        raise VolumeError(_aws_help(url, zarr=False))
+    if scheme == "gs" and not _google_credentials_found(bucket):
+        raise VolumeError(_google_help(url))
+    if scheme in ("http", "https") and not create:
+        _probe_http(PrecomputedVolume.cloudpath(url).rstrip("/") + "/info")
+
+
+def remote_error(url: str, err: Exception, format_name: str) -> VolumeError:
+    """A storage library's exception on a remote URL, as one line that says what to configure."""
+    name = type(err).__name__
+    text = str(err).splitlines()[0] if str(err) else name
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return VolumeError(_aws_help(url, zarr=format_name == "zarr"))
+    if name in ("DefaultCredentialsError", "RefreshError"):
+        return VolumeError(_google_help(url))
+    if name in ("ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout"):
+        return VolumeError(
+            f"cannot reach {url}: {text}; check the URL, the network and any proxy settings"
+        )
+    if isinstance(err, ImportError) or "install" in text.lower():
+        scheme = url_scheme(url)
+        package, extra = FSSPEC_BACKENDS.get(scheme or "", (None, None))
+        if package:
+            return VolumeError(
+                f"{url}: {format_name} on {scheme}:// needs {package}; install it with "
+                f"`pip install 'neuroray[{extra}]'`"
+            )
+    if name in ("Forbidden", "AccessDenied", "Unauthorized") or "403" in text:
+        return VolumeError(f"{url}: access denied ({text}); check the credentials' permissions")
+    return VolumeError(f"cannot open {url}: {name}: {text}")
+
+
 def _require_3d_or_4d(shape: tuple[int, ...], url: str) -> tuple[tuple[int, int, int], int]:
     """Split an array shape into spatial (z, y, x) and a channel count (channels first)."""
     if len(shape) == 3:
@@ -268,6 +464,28 @@ def _require_3d_or_4d(shape: tuple[int, ...], url: str) -> tuple[tuple[int, int,
     if len(shape) == 4:
         return shape[1:], shape[0]  # type: ignore[return-value]
     raise VolumeError(f"{url}: expected a 3D (z, y, x) or 4D (c, z, y, x) array, got {shape}")
+
+
+def _check_local_info(url: str, path: str) -> None:
+    """A local precomputed ``info`` must be a JSON object with at least one scale."""
+    if not os.path.isfile(path):
+        return  # CloudVolume reports the missing file
+    try:
+        with open(path, "rb") as f:
+            info = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise VolumeError(
+            f"{url}: its 'info' file is not valid JSON ({type(err).__name__}: {err}); "
+            "the layer is corrupt: re-ingest it"
+        ) from None
+    if not isinstance(info, dict):
+        raise VolumeError(f"{url}: its 'info' file holds {type(info).__name__}, not a JSON object")
+    scales = info.get("scales")
+    if not isinstance(scales, list) or not scales:
+        raise VolumeError(f"{url}: its 'info' file lists no scales; the layer is corrupt")
+    for key in ("size", "resolution", "chunk_sizes"):
+        if key not in scales[0]:
+            raise VolumeError(f"{url}: scale 0 of its 'info' file has no {key!r}")
 
 
 # ---------------------------------------------------------------------- precomputed (CloudVolume)
@@ -313,6 +531,9 @@ class PrecomputedVolume(Volume):
         from cloudvolume.exceptions import InfoUnavailableError
 
         cloudpath = cls.cloudpath(url)
+        check_remote_access(url, "precomputed")
+        if cloudpath.startswith("file://"):
+            _check_local_info(url, os.path.join(cloudpath.removeprefix("file://"), "info"))
         try:
             cv = CloudVolume(
                 cloudpath,
@@ -328,6 +549,14 @@ class PrecomputedVolume(Volume):
             raise VolumeError(
                 f"no precomputed layer at {url} (its 'info' file is missing); "
                 "check the path or ingest a source there with `neuroray data ingest`"
+            ) from None
+        except VolumeError:
+            raise
+        except Exception as err:
+            if _is_remote(cloudpath):
+                raise remote_error(url, err, "precomputed") from None
+            raise VolumeError(
+                f"{url}: its precomputed 'info' is not usable ({type(err).__name__}: {err})"
             ) from None
         return cls(url, cv, writable=mode != "r")
 
@@ -350,7 +579,14 @@ class PrecomputedVolume(Volume):
 
         dtype = _checked_dtype(dtype, url)
         cloudpath = cls.cloudpath(url)
-        if not overwrite and cls._info_exists(cloudpath):
+        check_remote_access(url, "precomputed", create=True)
+        try:
+            exists = not overwrite and cls._info_exists(cloudpath)
+        except Exception as err:
+            if _is_remote(cloudpath):
+                raise remote_error(url, err, "precomputed") from None
+            raise
+        if exists:
             raise VolumeError(f"{url} already holds a layer; pass overwrite=True to replace it")
         encoding = "compressed_segmentation" if layer_type == "segmentation" else "raw"
         if encoding == "compressed_segmentation" and dtype.name not in ("uint32", "uint64"):
@@ -365,9 +601,14 @@ class PrecomputedVolume(Volume):
             volume_size=list(shape)[::-1],
             chunk_size=list(chunk_shape)[::-1],
         )
-        cv = CloudVolume(cloudpath, info=info, compress=compress, progress=False, **options)
-        cv.commit_info()
-        cv.commit_provenance()
+        try:
+            cv = CloudVolume(cloudpath, info=info, compress=compress, progress=False, **options)
+            cv.commit_info()
+            cv.commit_provenance()
+        except Exception as err:
+            if _is_remote(cloudpath):
+                raise remote_error(url, err, "precomputed") from None
+            raise
         return cls(url, cv, writable=True)
 
     @staticmethod
@@ -436,11 +677,14 @@ class ZarrVolume(Volume):
         path = cls.store_path(url)
         if not _is_remote(path) and not os.path.exists(path):
             raise VolumeError(f"no zarr array at {url}: {path} does not exist")
+        check_remote_access(url, "zarr")
         try:
             array = zarr.open_array(
                 store=path, mode="r" if mode == "r" else "r+", **_storage_options(options)
             )
         except Exception as err:
+            if _is_remote(path):
+                raise remote_error(url, err, "zarr") from None
             raise VolumeError(f"cannot open zarr array at {url}: {err}") from None
         return cls(url, array, writable=mode != "r")
 
@@ -468,23 +712,29 @@ class ZarrVolume(Volume):
         path = cls.store_path(url)
         if not overwrite and not _is_remote(path) and os.path.exists(path):
             raise VolumeError(f"{url} already exists; pass overwrite=True to replace it")
+        check_remote_access(url, "zarr", create=True)
         attributes = {
             "voxel_size": [float(v) for v in voxel_size],
             "axis_order": "czyx" if num_channels > 1 else "zyx",
             "layer_type": layer_type,
         }
-        array = zarr.create_array(
-            store=path,
-            shape=full_shape,
-            chunks=chunks,
-            dtype=dtype,
-            compressors=ZstdCodec(level=3) if zarr_format == 3 else "auto",
-            fill_value=0,
-            zarr_format=zarr_format,
-            attributes=attributes,
-            overwrite=overwrite,
-            **_storage_options(options),
-        )
+        try:
+            array = zarr.create_array(
+                store=path,
+                shape=full_shape,
+                chunks=chunks,
+                dtype=dtype,
+                compressors=ZstdCodec(level=3) if zarr_format == 3 else "auto",
+                fill_value=0,
+                zarr_format=zarr_format,
+                attributes=attributes,
+                overwrite=overwrite,
+                **_storage_options(options),
+            )
+        except Exception as err:
+            if _is_remote(path):
+                raise remote_error(url, err, "zarr") from None
+            raise
         return cls(url, array, writable=True)
 
     def _index(self, box: Box) -> tuple[slice, ...]:
@@ -515,23 +765,27 @@ class HDF5Volume(Volume):
 
         self._path, self._key, self._mode = path, key, mode
         self._file = h5py.File(path, "r" if mode == "r" else "a")
-        dataset = self._file[key]
-        self._dataset = dataset
-        shape, channels = _require_3d_or_4d(tuple(dataset.shape), url)
-        voxel_size = _voxel_size_from_attrs(dataset.attrs) or _voxel_size_from_attrs(
-            self._file.attrs
-        )
-        chunks = dataset.chunks[-3:] if dataset.chunks else tuple(min(64, s) for s in shape)
-        super().__init__(
-            url,
-            shape=shape,
-            dtype=dataset.dtype,
-            voxel_size=voxel_size or (1.0, 1.0, 1.0),
-            chunk_shape=chunks,
-            num_channels=channels,
-            layer_type=dataset.attrs.get("layer_type"),
-            writable=mode != "r",
-        )
+        try:
+            dataset = self._file[key]
+            self._dataset = dataset
+            shape, channels = _require_3d_or_4d(tuple(dataset.shape), url)
+            voxel_size = _voxel_size_from_attrs(dataset.attrs) or _voxel_size_from_attrs(
+                self._file.attrs
+            )
+            chunks = dataset.chunks[-3:] if dataset.chunks else tuple(min(64, s) for s in shape)
+            super().__init__(
+                url,
+                shape=shape,
+                dtype=dataset.dtype,
+                voxel_size=voxel_size or (1.0, 1.0, 1.0),
+                chunk_shape=chunks,
+                num_channels=channels,
+                layer_type=dataset.attrs.get("layer_type"),
+                writable=mode != "r",
+            )
+        except BaseException:
+            self._file.close()  # a rejected dataset must not keep its file open
+            raise
 
     @classmethod
     def matches(cls, url: str) -> bool:
@@ -644,14 +898,19 @@ class TiffVolume(Volume):
         if not os.path.isfile(path):
             raise VolumeError(f"TIFF file {path} does not exist")
         try:
-            with tifffile.TiffFile(path) as tif:
+            with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+                if not tif.pages:
+                    raise VolumeError(f"{path} is not a readable TIFF: it holds no pages")
                 voxel_size = _tiff_voxel_size(tif)
                 try:
                     data = tifffile.memmap(path, mode="r")
                 except ValueError:  # compressed or non-contiguous: decode once
                     data = tif.asarray()
-        except tifffile.TiffFileError as err:
-            raise VolumeError(f"{path} is not a readable TIFF: {err}") from None
+        except VolumeError:
+            raise
+        except Exception as err:  # tifffile raises many kinds on a malformed file
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise VolumeError(f"{path} is not a readable TIFF: {message}") from None
         if data.ndim == 2:
             data = data[None]
         return cls(url, data, voxel_size)
@@ -659,6 +918,18 @@ class TiffVolume(Volume):
     def _read(self, box: Box) -> np.ndarray:
         data = np.asarray(self._data[(..., *box.slices)])
         return data[None] if self.num_channels == 1 else data
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """tifffile logs warnings about a malformed file before raising; the error says it all."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _tiff_voxel_size(tif: Any) -> tuple[float, float, float]:
@@ -782,12 +1053,22 @@ def open_volume(
     through.
     """
     url = os.fspath(url)
+    check_url_scheme(url)
     if mode not in ("r", "r+"):
         raise VolumeError(f"mode must be 'r' or 'r+', not {mode!r}")
     volume = VOLUME_FORMATS.get(format_of(url)).open(url, mode, **options)
     if voxel_size is not None:
         volume.voxel_size = tuple(float(v) for v in voxel_size)
     return volume
+
+
+def check_destination(url: str | os.PathLike) -> None:
+    """Call before reading markers or writing anything at a layer destination: the scheme is
+    allowed and a bucket's credentials (or zarr's fsspec backend) are there, so a job fails in
+    a second instead of after a storage library's retries."""
+    url = os.fspath(url)
+    check_url_scheme(url)
+    check_remote_access(url, "zarr" if ZarrVolume.matches(url) else "precomputed", create=True)
 
 
 def create_volume(
@@ -805,6 +1086,12 @@ def create_volume(
 ) -> Volume:
     """Create an empty, writable volume (precomputed, zarr, HDF5 or npy) at ``url``."""
     url = os.fspath(url)
+    check_url_scheme(url)
+    if len(shape) != 3 or len(chunk_shape) != 3:
+        raise VolumeError(f"{url}: shape and chunk shape must be z, y, x triples")
+    _check_not_empty(tuple(int(s) for s in shape), int(num_channels), url)
+    if min(int(c) for c in chunk_shape) <= 0:
+        raise VolumeError(f"{url}: chunk shape {tuple(chunk_shape)} must be positive")
     if format is None:
         format = next(
             (n for n in ("hdf5", "npy", "zarr") if VOLUME_FORMATS.get(n).matches(url)),

@@ -26,18 +26,27 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import fastremap
 import numpy as np
 import ray
-from pydantic import Field
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from tqdm import tqdm
 
 from neuroray.config import RayConfig, StrictModel
 from neuroray.errors import NeurorayError
+from neuroray.paths import InputPath, OutputPath, check_inputs, local_file
 from neuroray.platform.box import Box, chunk_grid
-from neuroray.platform.ingest import put_atomic
+from neuroray.platform.provenance import (
+    differences,
+    file_identity,
+    local_dir,
+    read_fingerprint,
+    source_identity,
+    write_fingerprint,
+)
+from neuroray.platform.storage import put_atomic, remove_tree
 from neuroray.platform.volume import create_volume, open_volume
 
 BLOCK_ID_SHIFT = np.uint64(32)
@@ -46,28 +55,40 @@ BLOCK_ID_SHIFT = np.uint64(32)
 class SegmentConfig(StrictModel):
     """``neuroray segment``: which model, which image, where to write, and how to cut blocks."""
 
-    checkpoint: str | None = None
+    checkpoint: InputPath | None = None
     """A fine-tuning run, checkpoint directory or model.pt; not needed with ``affinities``."""
-    image: str | None = None
-    affinities: str | None = None
+    image: InputPath | None = None
+    affinities: InputPath | None = None
     """An existing affinities layer: skip prediction and only agglomerate it (EM)."""
-    output: str = "segmentation_out"
-    roi: tuple[int, int, int, int, int, int] | None = None
-    block_shape: tuple[int, int, int] = (32, 128, 128)
-    context: tuple[int, int, int] | None = None
+    output: OutputPath = Field("segmentation_out", validate_default=True)
+    roi: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, int, int, int] | None = None
+    """z0, y0, x0, z1, y1, x1 (start inclusive, stop exclusive)."""
+    block_shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (32, 128, 128)
+    context: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = None
     """Extra input around each block for prediction (default: a quarter of the model window)."""
-    halo: tuple[int, int, int] = (4, 16, 16)
+    halo: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] = (4, 16, 16)
     """Overlap used to segment each block together with its neighbours' voxels, for stitching."""
     threshold: float = Field(0.5, gt=0, lt=1)
     """waterz merge threshold (EM; pick it on validation data) or foreground threshold."""
-    task: str | None = None
+    task: Literal["em", "mito", "lm"] | None = None
     """em | mito | lm; read from the checkpoint when not given."""
     cpus_per_task: float = Field(1.0, gt=0)
     overwrite: bool = False
     fail_on_blocks: list[int] = []
     """Fault injection for drills and tests: these blocks' workers die once, in the first stage
     (predict, or agglomerate when given affinities)."""
+    fail_mode: Literal["before_write", "torn_write"] = "before_write"
+    """How the ``fail_on_blocks`` workers die: before writing anything, or mid-write, leaving
+    their output chunk truncated on disk (a torn chunk) and no completion marker."""
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _roi_not_empty(self) -> SegmentConfig:
+        if self.roi is not None and any(
+            a >= b for a, b in zip(self.roi[:3], self.roi[3:], strict=True)
+        ):
+            raise ValueError(f"roi {list(self.roi)} must have start < stop on every axis")
+        return self
 
 
 @dataclass
@@ -132,12 +153,39 @@ def _blocks(bounds: Box, block_shape: Sequence[int]) -> list[Box]:
     return list(chunk_grid(bounds, block_shape))
 
 
-def _fail_once(output: str, block: int) -> None:
-    flag = Path(output) / ".neuroray" / "blockwise" / f"injected_failure_{block}"
-    if not flag.exists():
-        flag.parent.mkdir(parents=True, exist_ok=True)
-        flag.write_text("1")
-        os._exit(1)  # a real worker death, as a preempted node would give
+def _fail_once(
+    config: SegmentConfig,
+    block: int,
+    url: str | None = None,
+    box: Box | None = None,
+    data: np.ndarray | None = None,
+) -> None:
+    """Fault injection (``fail_on_blocks``): the block's worker process dies once (``os._exit``:
+    no exception, no cleanup), as a preempted node's would.
+
+    Called on entry to the block task (no ``url``: ``fail_mode="before_write"`` dies there) and
+    just before the block writes its output chunk (``fail_mode="torn_write"``: the chunk is
+    written, every file that write touched is cut to half its length, a write cut short, and the
+    worker dies before its completion marker). Local outputs only.
+    """
+    if (url is None) != (config.fail_mode == "before_write"):
+        return
+    flag = Path(config.output) / ".neuroray" / "blockwise" / f"injected_failure_{block}"
+    if flag.exists():
+        return
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.write_text("1")
+    if url is not None:
+        from neuroray.platform.volume import local_path
+
+        root = Path(local_path(url))
+        before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+        open_volume(url, "r+").write(box, data)
+        for path in root.rglob("*"):
+            if path.is_file() and before.get(path) != path.stat().st_mtime_ns:
+                with path.open("r+b") as f:
+                    f.truncate(path.stat().st_size // 2)
+    os._exit(1)  # a real worker death, as a preempted node would give
 
 
 def predict_block(
@@ -149,7 +197,7 @@ def predict_block(
 
     config = SegmentConfig.model_validate_json(config_json)
     if index in config.fail_on_blocks:
-        _fail_once(config.output, index)
+        _fail_once(config, index)
     torch.set_num_threads(max(1, int(config.cpus_per_task)))
     model, job = weights_ref
     window = job.model.encoder.img_size
@@ -162,6 +210,8 @@ def predict_block(
     probs = predict_array(model, data, window)
     core_probs = probs[(slice(None), *core.relative_to(region))]
     quantised = np.clip(np.rint(core_probs * 255), 0, 255).astype(np.uint8)
+    if index in config.fail_on_blocks:  # fail_mode="torn_write"
+        _fail_once(config, index, out_url, core, quantised)
     open_volume(out_url, "r+").write(core, quantised)
     Markers(config.output).mark("predict", index)
     return index
@@ -179,7 +229,7 @@ def agglomerate_block(
 
     config = SegmentConfig.model_validate_json(config_json)
     if index in config.fail_on_blocks and config.affinities is not None:
-        _fail_once(config.output, index)
+        _fail_once(config, index)
     affinities = open_volume(affs_url)
     core = Box.from_list(box_list)
     region = core.grow(config.halo).intersect(Box.from_list(bounds_list))
@@ -190,6 +240,8 @@ def agglomerate_block(
     seg = seg.astype(np.uint64)
     nonzero = seg != 0
     seg[nonzero] |= np.uint64(index + 1) << BLOCK_ID_SHIFT
+    if index in config.fail_on_blocks and config.affinities is not None:  # torn_write
+        _fail_once(config, index, blocks_url, core, seg[core.relative_to(region)])
     open_volume(blocks_url, "r+").write(core, seg[core.relative_to(region)])
     halos = {}
     for axis in range(3):  # the halo beyond this block's upper face along each axis
@@ -293,6 +345,78 @@ def _majority_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(mutual, dtype=np.uint64).reshape(-1, 2)
 
 
+# ---------------------------------------------------------------------- what an output holds
+PREDICTION_LAYERS = ("affinities", "probabilities")
+SEGMENTATION_LAYERS = ("blocks", "segmentation")
+LATER_STAGES = ("agglomerate", "halos", "relabel", "threshold", "mapping.npz")
+
+
+def _checkpoint_identity(checkpoint: str) -> dict[str, Any]:
+    """The model file a checkpoint argument resolves to now (a run's newest checkpoint)."""
+    from neuroray.trainers.loop import latest_checkpoint
+
+    path = local_file(checkpoint)
+    if path is None:
+        return {"url": checkpoint}
+    if path.is_dir() and not (path / "model.pt").exists():
+        path = latest_checkpoint(path)
+    return file_identity(path / "model.pt" if path.is_dir() else path)
+
+
+def fingerprint(config: SegmentConfig, task: str) -> dict[str, Any]:
+    """What the output's predictions and its segmentation depend on (see provenance.py)."""
+    prediction = None
+    if config.affinities is None:
+        prediction = {
+            "checkpoint": _checkpoint_identity(config.checkpoint),
+            "image": source_identity(config.image),
+            "roi": config.roi,
+            "block_shape": list(config.block_shape),
+            "context": config.context,
+        }
+    segmentation = {
+        "affinities": source_identity(config.affinities) if config.affinities else None,
+        "roi": config.roi,
+        "block_shape": list(config.block_shape),
+        "halo": list(config.halo),
+        "threshold": config.threshold,
+        "task": task,
+    }
+    return json.loads(json.dumps({"predict": prediction, "segment": segmentation}))
+
+
+def prepare_output(out: Path, wanted: dict[str, Any], *, overwrite: bool) -> None:
+    """Resume an output with the same fingerprint; refuse another unless ``overwrite``, which
+    clears what is stale (only the segmentation stages when the predictions still hold)."""
+    root = out / ".neuroray"
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not root.is_dir()):
+        raise NeurorayError(
+            f"output {out} holds files that `neuroray segment` did not write; "
+            "choose a new or empty folder"
+        )
+    found = read_fingerprint(local_dir(out))
+    if found is None and (root / "blockwise").is_dir() and not overwrite:
+        raise NeurorayError(
+            f"output {out} holds blocks with no record of what made them; pass overwrite=true"
+        )
+    found = found or {}
+    stale_prediction = found.get("predict") != wanted["predict"]
+    stale_segmentation = stale_prediction or found.get("segment") != wanted["segment"]
+    if found and stale_segmentation and not overwrite:
+        changed = differences(found, wanted)
+        raise NeurorayError(
+            f"output {out} was written with other inputs or settings ({'; '.join(changed[:3])}); "
+            "pass overwrite=true to redo it, or choose another output"
+        )
+    if overwrite:
+        stale = [*SEGMENTATION_LAYERS, *(f".neuroray/blockwise/{s}" for s in LATER_STAGES)]
+        if wanted["predict"] is not None and stale_prediction:
+            stale += [*PREDICTION_LAYERS, ".neuroray/blockwise"]
+        for name in stale:
+            remove_tree(local_dir(out / name))
+    write_fingerprint(local_dir(out), wanted)
+
+
 # ---------------------------------------------------------------------- the driver
 def _run_stage(
     name: str,
@@ -330,34 +454,31 @@ def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
 
     if config.affinities is None and (config.checkpoint is None or config.image is None):
         raise NeurorayError("segment needs checkpoint + image, or an existing affinities layer")
+    check_inputs(config)
+    out = Path(config.output)
+    model = job = None
+    if config.affinities is None:  # everything that can fail on input fails before Ray starts
+        model, job = load_segmenter(config.checkpoint)
+        image = open_volume(config.image)
+        bounds = _bounds(config, image.bounds)
+    else:
+        bounds = _bounds(config, open_volume(config.affinities).bounds)
+    task = "em" if job is None else (config.task or job.task)
+    prepare_output(out, fingerprint(config, task), overwrite=config.overwrite)
     connect(
         config.ray.address, num_cpus=config.ray.num_cpus, object_store_mb=config.ray.object_store_mb
     )
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
     markers = Markers(str(out))
     config_json = config.model_dump_json()
     stages: list[StageReport] = []
     layers: dict[str, str] = {}
     task_options = {"num_cpus": config.cpus_per_task, "max_retries": 0}
+    blocks = _blocks(bounds, config.block_shape)
 
     if config.affinities is None:
-        model, job = load_segmenter(config.checkpoint)
-        task = config.task or job.task
-        image = open_volume(config.image)
-        bounds = _bounds(config, image.bounds)
-        blocks = _blocks(bounds, config.block_shape)
         pred_name = "affinities" if task == "em" else "probabilities"
         pred_url = str(out / pred_name)
-        _ensure_layer(
-            pred_url,
-            image,
-            config.block_shape,
-            "uint8",
-            job.out_channels,
-            "image",
-            config.overwrite,
-        )
+        _ensure_layer(pred_url, image, config.block_shape, "uint8", job.out_channels, "image")
         weights_ref = ray.put((model, job))
         remote = ray.remote(predict_block).options(**task_options)
         stages.append(
@@ -372,19 +493,14 @@ def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
         layers[pred_name] = pred_url
         reference = image
     else:
-        task = "em"
         pred_url = config.affinities
         reference = open_volume(pred_url)
-        bounds = _bounds(config, reference.bounds)
-        blocks = _blocks(bounds, config.block_shape)
         layers["affinities"] = pred_url
 
     seg_url = str(out / "segmentation")
     if task == "em":
         blocks_url = str(out / "blocks")
-        _ensure_layer(
-            blocks_url, reference, config.block_shape, "uint64", 1, "segmentation", config.overwrite
-        )
+        _ensure_layer(blocks_url, reference, config.block_shape, "uint64", 1, "segmentation")
         remote = ray.remote(agglomerate_block).options(**task_options)
         stages.append(
             _run_stage(
@@ -407,9 +523,7 @@ def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
         with np.load(mapping_path) as saved:
             mapping_ref = ray.put((saved["keys"], saved["values"]))
         stages.append(StageReport("stitch", 1, 0, time.perf_counter() - t0))
-        _ensure_layer(
-            seg_url, reference, config.block_shape, "uint64", 1, "segmentation", config.overwrite
-        )
+        _ensure_layer(seg_url, reference, config.block_shape, "uint64", 1, "segmentation")
         remote = ray.remote(relabel_block).options(**task_options)
         stages.append(
             _run_stage(
@@ -423,9 +537,7 @@ def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
             )
         )
     else:
-        _ensure_layer(
-            seg_url, reference, config.block_shape, "uint8", 1, "segmentation", config.overwrite
-        )
+        _ensure_layer(seg_url, reference, config.block_shape, "uint8", 1, "segmentation")
         remote = ray.remote(threshold_block).options(**task_options)
         stages.append(
             _run_stage(
@@ -459,14 +571,13 @@ def _ensure_layer(
     dtype: str,
     channels: int,
     layer_type: str,
-    overwrite: bool,
 ) -> None:
     """Create an output layer shaped like the input (one chunk per block) unless resuming."""
     try:
         existing = open_volume(url)
     except NeurorayError:
         existing = None
-    if existing is not None and not overwrite:
+    if existing is not None:
         if existing.shape != like.shape or existing.num_channels != channels:
             raise NeurorayError(
                 f"{url} exists with another shape; use a new output or overwrite=true"

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from neuroray.config import StrictModel
 from neuroray.errors import NeurorayError
+from neuroray.paths import InputPath
 from neuroray.platform.augment import PipelineSpec, build_pipeline, default_pipeline
 from neuroray.platform.ingest import read_manifest
 from neuroray.platform.sampler import CropDataset, SamplerConfig, build_sampler
@@ -18,9 +19,9 @@ from neuroray.platform.server import ServerPool
 class DataSettings(StrictModel):
     """Layers to train on and how crops are served, sampled and augmented."""
 
-    image: str
+    image: InputPath
     """Image layer URL (any format open_volume reads; ingest large volumes first)."""
-    labels: str | None = None
+    labels: InputPath | None = None
     """Aligned labels layer (segmentation ids or a binary mask), if the job needs one."""
     num_servers: int = Field(2, ge=1)
     cache_mb: float = Field(256, gt=0)

@@ -26,6 +26,7 @@ from neuroray.config import StrictModel
 from neuroray.errors import ConfigError
 from neuroray.models.unetr import UNETR, load_encoder, param_groups_lrd
 from neuroray.models.vit3d import ViTConfig, build_vit3d
+from neuroray.paths import ModelInit
 from neuroray.platform.box import Box
 from neuroray.platform.volume import open_volume
 from neuroray.preview import grid, overlay, to_grey
@@ -54,7 +55,7 @@ class FinetuneModel(StrictModel):
     encoder: ViTConfig = ViTConfig(pos_embed="learned")
     feature_size: int = Field(16, ge=1)
     skip_connections: bool = True
-    init: str = "scratch"
+    init: ModelInit = "scratch"
     """scratch | checkpoint:<neuroray run, checkpoint dir or model.pt> | timm:<2D ViT name> |
     file:<2D ViT weights (.safetensors/.pth/.npz)>"""
     inflate: Literal["center", "average"] = "center"

@@ -44,6 +44,7 @@ from torch import nn
 
 from neuroray.config import RayConfig, StrictModel
 from neuroray.errors import NeurorayError
+from neuroray.paths import OutputPath, RunName
 
 CHECKPOINT_FORMAT = "neuroray.checkpoint/1"
 
@@ -64,8 +65,9 @@ class OptimConfig(StrictModel):
 class RunSettings(StrictModel):
     """Where a run lives, how long it trains, and on what."""
 
-    name: str = "run"
-    storage_path: str = "runs"
+    name: RunName = "run"
+    storage_path: OutputPath = Field("runs", validate_default=True)
+    """Where runs live (a local folder, made absolute where the job is built, or s3:// / gs://)."""
     steps: int = Field(100, ge=1)
     batch_size: int = Field(2, ge=1)
     """Crops per worker per step."""
@@ -81,11 +83,14 @@ class RunSettings(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0)
     seed: int = 0
-    tensorboard_dir: str | None = None
+    tensorboard_dir: OutputPath | None = None
     """Default: <storage_path>/<name>/tensorboard for local storage, ./runs/<name>/tensorboard
     for remote storage."""
     fail_at_step: int | None = None
-    """Fault injection for tests and drills: raise once at this step (first attempt only)."""
+    """Fault injection for tests and drills: fail once at this step (first attempt only)."""
+    fail_mode: Literal["raise", "exit"] = "raise"
+    """How ``fail_at_step`` fails: "raise" a Python error in the loop, or "exit" the worker
+    process at once (``os._exit``, no cleanup), as a preempted or OOM-killed node would."""
 
     def run_dir(self) -> str:
         return f"{absolute_storage(self.storage_path)}/{self.name}"
@@ -304,7 +309,10 @@ def _inject_failure_once(run: RunSettings, step: int) -> None:
     if is_remote(run.storage_path) or marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
+    # what failed, and where: a drill (or a test) can check that this process is really gone
+    marker.write_text(json.dumps({"step": step, "mode": run.fail_mode, "pid": os.getpid()}))
+    if run.fail_mode == "exit":
+        os._exit(1)  # a real process death: no exception, no finally blocks, no flushing
     raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
 
 

@@ -55,11 +55,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from neuroray.config import RayConfig, StrictModel, apply_overrides, dump_yaml, load_config
 from neuroray.config import validate as validate_config
 from neuroray.errors import ConfigError, NeurorayError
+from neuroray.paths import InputPath, OutputPath, RunName
 from neuroray.platform.augment import build_pipeline
 from neuroray.registry import Registry
 from neuroray.trainers.finetune import FinetuneJob
@@ -239,8 +240,8 @@ class SchedulerSettings(StrictModel):
 class SweepConfig(StrictModel):
     """A hyperparameter sweep over one fine-tuning job."""
 
-    name: str = "sweep"
-    job: str
+    name: RunName = "sweep"
+    job: InputPath
     """Path to a FinetuneJob YAML (relative to the working directory)."""
     overrides: dict[str, Any] = {}
     """Job keys set before sampling, nested (``run: {steps: 400}``) or dotted (``run.steps: 400``);
@@ -262,21 +263,15 @@ class SweepConfig(StrictModel):
     cluster, set it to what the cluster may grow to)."""
     max_trial_failures: int = Field(1, ge=0)
     """Tune retries of a trial whose driver fails (worker failures are handled inside)."""
-    storage_path: str = "runs"
+    storage_path: OutputPath = Field("runs", validate_default=True)
     resume: bool = True
     """Continue an interrupted sweep with the same name and storage_path (else refuse to clobber)."""
     share_pool: bool = True
     """One ServerPool for all trials (ignored when the search space changes what it serves)."""
-    best_config: str | None = None
+    best_config: OutputPath | None = None
     """Where to write the best job YAML; default <storage_path>/<name>/best_job.yaml (local),
     ./<name>_best_job.yaml (remote storage)."""
     ray: RayConfig = RayConfig()
-
-    @model_validator(mode="after")
-    def _named_safely(self) -> SweepConfig:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"name {self.name!r} must be a plain folder name (no '/')")
-        return self
 
     def experiment_path(self) -> str:
         return f"{absolute_storage(self.storage_path)}/{self.name}"
@@ -347,12 +342,40 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
         (_domain_entry(k, v) or ("",))[0] == "grid" for k, v in config.search_space.items()
     ):
         raise ConfigError("search: optuna cannot sample grid domains; use choice instead")
+    config = config.model_copy(update={"search_space": _absolute_paths_in(config, data)})
     shares_pool = config.share_pool and not any(
         key == pool_key or key.startswith(pool_key + ".")
         for key in config.search_space
         for pool_key in POOL_KEYS
     )
     return PreparedSweep(config, job, metric, mode, shares_pool)
+
+
+def _absolute_paths_in(config: SweepConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """The search space with local paths among its values made absolute here, in the driver:
+    trials build their jobs inside Tune's workers, whose working directory is not the user's."""
+
+    def resolved(key: str, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        job = validate_config(FinetuneJob, apply_params(data, {key: value}), config.job)
+        node: Any = job.model_dump(mode="json")
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return value
+            node = node[part]
+        return node
+
+    space: dict[str, Any] = {}
+    for key, spec in config.search_space.items():
+        entry = _domain_entry(key, spec)
+        if entry is None:
+            space[key] = resolved(key, spec)
+        elif entry[0] in ("choice", "grid"):
+            space[key] = {entry[0]: [resolved(key, value) for value in entry[1]]}
+        else:
+            space[key] = spec
+    return space
 
 
 def _installed(module: str) -> bool:
