@@ -44,10 +44,45 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw, f"override {text!r}") if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+        message = " ".join(str(err).split())  # yaml's message spans lines
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({message})") from None
     return path, value
+
+
+#: Largest config file (or override) read; a job config is a few KiB.
+MAX_YAML_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml's safe loader without anchors and aliases: no alias bomb, no self-reference."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise ConfigError(
+                f"{self.name}: YAML anchors and aliases are not supported (found {kind}"
+                f"{event.anchor} at line {event.start_mark.line + 1}); write the values out"
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """Parse YAML text without aliases, within :data:`MAX_YAML_BYTES`."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source} is larger than {MAX_YAML_BYTES // 1024} KiB; not a config")
+    loader = _NoAliasLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as err:  # e.g. a timestamp like 2024-13-45
+        raise ConfigError(f"{source}: a value is not valid ({err})") from None
+    finally:
+        loader.dispose()
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -127,10 +162,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    source = f"config file {str(path)!r}"
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{source} is larger than {MAX_YAML_BYTES // 1024} KiB; not a config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source} is not a UTF-8 text file (binary?)") from None
+    try:
+        data = safe_yaml(text, source) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        message = " ".join(str(err).split())  # yaml's message spans lines
+        raise ConfigError(f"{source} is not valid YAML: {message}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return data

@@ -327,17 +327,45 @@ STAGES: list[tuple[str, Stage]] = [
 ]
 
 
+#: Written into the folder the demo creates; ``--fresh`` deletes only folders that carry it.
+DEMO_MARKER = ".neuroray-demo"
+
+
+def prepare_out(out: Path, fresh: bool) -> None:
+    """Make ``out`` (marking it as the demo's), emptying it first when ``fresh``.
+
+    ``--fresh`` never deletes a folder the demo did not create: ``--out .`` in a checkout, a home
+    directory or a data folder is refused with one line.
+    """
+    import shutil
+
+    from neuroray.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the demo's outputs")
+    empty = not out.exists() or not any(out.iterdir())
+    marked = (out / DEMO_MARKER).is_file()
+    if fresh and not empty:
+        if not marked:
+            raise ConfigError(
+                f"--fresh would delete {out}, which the demo did not create (no {DEMO_MARKER} "
+                "file in it); choose another --out, or delete the folder yourself"
+            )
+        shutil.rmtree(out)
+        empty = True
+    out.mkdir(parents=True, exist_ok=True)
+    if empty:  # the demo creates (or re-creates) this folder: mark it as its own
+        (out / DEMO_MARKER).write_text("made by `neuroray demo`; --fresh may delete this folder\n")
+
+
 def run_demo(
     out: str | Path = "demo_out", address: str | None = None, fresh: bool = False
 ) -> DemoRun:
     """Run every stage into ``out``. Rerunning into the same folder resumes (finished chunks,
-    checkpoints and blocks are kept); ``fresh`` deletes the folder first."""
-    import shutil
-
+    checkpoints and blocks are kept); ``fresh`` deletes the folder first, but only a folder the
+    demo made itself (it carries :data:`DEMO_MARKER`)."""
     run = DemoRun(out=Path(out).resolve(), address=address)
-    if fresh and run.out.exists():
-        shutil.rmtree(run.out)
-    run.out.mkdir(parents=True, exist_ok=True)
+    prepare_out(run.out, fresh)
     started = time.perf_counter()
     for name, stage in STAGES:
         run.say(f"stage {name} ...")

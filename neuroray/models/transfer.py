@@ -206,6 +206,7 @@ def _load_from_file(path: Path, num_heads: int | None) -> Vit2D:
         )
     notes: list[str] = []
     meta: dict[str, Any] = {}
+    state = None if suffix == ".npz" else _read_state_dict(path)
     side = sidecar_path(path)
     if side.is_file():
         try:
@@ -216,13 +217,11 @@ def _load_from_file(path: Path, num_heads: int | None) -> Vit2D:
         notes.append(
             f"architecture from {side.name}: {meta.get('model_name', 'VisionTransformer')}"
         )
-    elif suffix == ".npz":
+    elif state is None:
         args = _vit_args_from_npz(path)
         notes.append("architecture read from the .npz tensors (Google ViT layout)")
     else:
-        from timm.models import load_state_dict
-
-        args = _vit_args_from_state_dict(load_state_dict(str(path)))
+        args = _vit_args_from_state_dict(state)
         if num_heads is None:
             notes.append(
                 f"no {side.name}: heads assumed width // 64 = {args['num_heads']} "
@@ -232,7 +231,10 @@ def _load_from_file(path: Path, num_heads: int | None) -> Vit2D:
         args["num_heads"] = int(num_heads)
     try:
         model = _build_timm_vit(meta.get("model_name"), args)
-        load_checkpoint(model, str(path), strict=True)
+        if state is None:
+            load_checkpoint(model, str(path), strict=True)  # .npz: timm's Google-layout reader
+        else:
+            model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise ModelError(
             f"could not load {path} into a timm VisionTransformer({args}): {err}; "
@@ -242,6 +244,33 @@ def _load_from_file(path: Path, num_heads: int | None) -> Vit2D:
     mean, std = _normalisation(model)
     mean, std = tuple(meta.get("mean", mean)), tuple(meta.get("std", std))
     return Vit2D(model.eval(), f"file:{path}", mean, std, notes)
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file, never running
+    pickled code: torch files load with ``weights_only=True`` (timm's default)."""
+    import pickle
+
+    from timm.models import load_state_dict
+
+    try:
+        return load_state_dict(str(path))
+    except Exception as err:  # noqa: BLE001 - pickled code, truncated zip, not a checkpoint, ...
+        # torch raises UnpicklingError; timm >= 1.0.20 re-raises it as a RuntimeError
+        if isinstance(err, pickle.UnpicklingError) or isinstance(
+            err.__cause__, pickle.UnpicklingError
+        ):
+            found = re.search(r"Unsupported globals?: (?:GLOBAL )?([\w.]+)", str(err))
+            what = f" (it pickles {found.group(1)})" if found else ""
+            raise ModelError(
+                f"{path} is not a weights-only checkpoint{what}; neuroray does not unpickle "
+                "code from files: re-save it as torch.save(model.state_dict(), ...) or as "
+                ".safetensors"
+            ) from None
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise ModelError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {message})"
+        ) from None
 
 
 def _build_timm_vit(model_name: str | None, args: Mapping[str, Any]) -> VisionTransformer:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import torch
+from pydantic import Field, PositiveInt, field_validator
 from torch.utils.data import IterableDataset
 
 from neuroray.config import StrictModel
@@ -27,17 +28,29 @@ from neuroray.platform.server import ServerPool
 
 Augment = Callable[[Sample, np.random.Generator], Sample]
 
+#: Crops drawn in a row without one passing ``min_foreground`` before sampling gives up.
+MAX_DRAWS_PER_CROP = 1000
+
 
 class SamplerConfig(StrictModel):
     """Where and how crops are drawn."""
 
-    crop_shape: tuple[int, int, int] = (32, 160, 160)
+    crop_shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (32, 160, 160)
     roi: tuple[int, int, int, int, int, int] | None = None
     """Region to draw from, [z0, y0, x0, z1, y1, x1]; e.g. the training slab only."""
-    min_foreground: float = 0.0
-    """Reject crops whose labelled (non-zero) fraction is below this."""
+    min_foreground: float = Field(0.0, ge=0.0, le=1.0)
+    """Reject crops whose labelled (non-zero) fraction is below this (a fraction in [0, 1])."""
     foreground_from: Literal["labels", "manifest"] = "labels"
     seed: int = 0
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_is_a_box(cls, roi: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if roi is not None and (
+            min(roi[:3]) < 0 or any(a >= b for a, b in zip(roi[:3], roi[3:], strict=True))
+        ):
+            raise ValueError("roi is [z0, y0, x0, z1, y1, x1] with 0 <= start < stop on every axis")
+        return roi
 
 
 class CropSampler:
@@ -52,11 +65,19 @@ class CropSampler:
         roi: Box | None = None,
         min_foreground: float = 0.0,
         manifest: pa.Table | None = None,
+        max_draws_per_crop: int = MAX_DRAWS_PER_CROP,
     ) -> None:
         self.region = bounds if roi is None else roi.intersect(bounds)
         self.crop_shape = tuple(int(c) for c in crop_shape)
         self.seed = seed
+        if not 0.0 <= min_foreground <= 1.0:
+            raise ConfigError(
+                f"sampler.min_foreground is a fraction in [0, 1], got {min_foreground}"
+            )
+        if min(self.crop_shape) <= 0:
+            raise ConfigError(f"sampler.crop_shape must be positive, got {self.crop_shape}")
         self.min_foreground = min_foreground
+        self.max_draws_per_crop = int(max_draws_per_crop)
         if any(c > r for c, r in zip(self.crop_shape, self.region.shape, strict=True)):
             raise ConfigError(
                 f"crop shape {self.crop_shape} does not fit in the sampling region {self.region} "
@@ -114,6 +135,17 @@ class CropSampler:
         if self.min_foreground <= 0 or labels is None or self.candidates is not None:
             return True
         return np.count_nonzero(labels) / labels.size >= self.min_foreground
+
+    def check_rejections(self, rejected: int) -> None:
+        """Give up once ``rejected`` crops in a row failed ``min_foreground`` (a threshold no
+        crop reaches would otherwise spin forever)."""
+        if rejected >= self.max_draws_per_crop:
+            raise ConfigError(
+                f"{rejected} crops in a row from {self.region} had a foreground fraction below "
+                f"sampler.min_foreground={self.min_foreground}; lower sampler.min_foreground, "
+                "or set sampler.foreground_from=manifest to draw only from chunks whose "
+                "labels reach it"
+            )
 
 
 class CropDataset(IterableDataset):
@@ -176,7 +208,7 @@ class CropDataset(IterableDataset):
                 sent.append(request)
                 yield request
 
-        accepted = 0
+        accepted = rejected = 0
         for batch in self.pool.stream(requests(), max_in_flight=self.prefetch):
             boxes = sent.popleft()
             images = batch[self.image_layer]
@@ -184,7 +216,10 @@ class CropDataset(IterableDataset):
             for i in range(len(images)):
                 crop_labels = None if labels is None else labels[i]
                 if not self.sampler.accepts(crop_labels):
+                    rejected += 1
+                    self.sampler.check_rejections(rejected)
                     continue
+                rejected = 0
                 accepted += 1
                 if accepted <= self.consumed:  # replaying up to where a resumed run stopped
                     continue
