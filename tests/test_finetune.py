@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from neuroray.cli import main
 from neuroray.config import validate
 from neuroray.errors import ConfigError
 from neuroray.platform.ingest import ingest
 from neuroray.platform.volume import create_volume, open_volume
-from neuroray.segmentation.blockwise import SegmentConfig, segment
 from neuroray.trainers.finetune import FinetuneJob, binary_targets, em_targets, finetune
 from neuroray.trainers.loop import load_model_checkpoint
 
@@ -64,30 +65,45 @@ def test_targets_have_the_documented_shapes(data_dir):
     assert w[0][target[0] > 0].max() == pytest.approx(10.0)  # capped, not 0.5 / fraction
 
 
-def test_em_finetune_segment_evaluate(ray_session, gala_layers, tmp_path):
-    job = _job(tmp_path, "em", gala_layers["raw"], gala_layers["labels"],
+def test_em_finetune_segment_evaluate_from_the_users_folder(
+    ray_session, gala_layers, tmp_path, monkeypatch, capsys
+):
+    """The README's workflow as a user types it: relative paths, run from their own folder.
+    Train, Tune and task workers run in other directories, so every path must have been made
+    absolute before the job left the driver: the run, its TensorBoard events and its restart
+    log land in ./runs/<name>, and segment / evaluate read and write where the user is."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "layers").symlink_to(Path(gala_layers["raw"]).parent)
+    job = _job(tmp_path, "em", "layers/raw", "layers/labels",
                roi=[0, 0, 0, 34, 100, 200], val_roi=[34, 0, 0, 50, 100, 200])
-    result = finetune(job)
-    metrics = result.metrics
+    data = job.model_dump(mode="json")
+    data["data"].update(image="layers/raw", labels="layers/labels")
+    data["run"]["storage_path"] = "runs"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    assert main(["finetune", "em", "job.yaml"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index('{\n  "checkpoint"'):])
+    metrics = report["metrics"]
     assert metrics["step"] == 12
     for key in ("val_voi", "val_voi_split", "val_voi_merge", "val_arand", "val_threshold"):
         assert np.isfinite(metrics[key]), key
-    checkpoint = load_model_checkpoint(result.checkpoint.path)
+    run_dir = tmp_path / "runs" / "ft_em"
+    assert Path(report["checkpoint"]).parent == run_dir
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "starts.jsonl").is_file()
+    checkpoint = load_model_checkpoint("runs/ft_em")
     assert checkpoint["kind"] == "finetune_em"
     assert any(k.startswith("encoder.blocks.") for k in checkpoint["state_dict"])
 
-    out = tmp_path / "seg"
-    seg = segment(SegmentConfig(checkpoint=result.checkpoint.path, image=gala_layers["raw"],
-                                output=str(out), block_shape=(25, 50, 100), threshold=0.5),
-                  progress=False)
-    assert [s.stage for s in seg.stages] == ["predict", "agglomerate", "stitch", "relabel"]
-    affs = open_volume(seg.layers["affinities"])
+    assert main(["segment", "checkpoint=runs/ft_em", "image=layers/raw", "output=seg",
+                 "block_shape=[25,50,100]", "threshold=0.5"]) == 0
+    assert "predict: 8 blocks" in capsys.readouterr().out
+    affs = open_volume("seg/affinities")
     assert affs.num_channels == 3 and affs.shape == (50, 100, 200)
-    labels = open_volume(seg.layers["segmentation"])[:]
-    assert labels.max() > 1
+    assert open_volume("seg/segmentation")[:].max() > 1
 
-    assert main(["evaluate", seg.layers["segmentation"], gala_layers["labels"],
-                 "--image", gala_layers["raw"], "--out", str(tmp_path / "eval")]) == 0
+    assert main(["evaluate", "seg/segmentation", "layers/labels", "--image", "layers/raw",
+                 "--out", "eval"]) == 0
     scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert scores["voi"] > 0 and 0 <= scores["arand"] <= 1
     assert (tmp_path / "eval" / "preview.png").stat().st_size > 1000
