@@ -28,6 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from neuroray.errors import NeurorayError
+from neuroray.platform.provenance import check_resume, local_dir, write_fingerprint
+from neuroray.platform.storage import remove_tree
+
 ENCODER = {
     "size": None,
     "width": 128,
@@ -221,12 +225,29 @@ def main() -> None:
     parser.add_argument("--mito", action="store_true", help="also run the mitochondria comparison")
     parser.add_argument("--low-label", type=float, default=None, help="fraction of training region")
     parser.add_argument("--skip-neurons", action="store_true")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over in --out (runs, layers, results)"
+    )
     args = parser.parse_args()
+    out = Path(args.out)
+    # Runs, layers and results.json in --out are reused by a rerun only when they were made
+    # with the same data and budgets (seeds and methods may be added); else refuse or start over.
+    settings = {
+        "kind": "em_quality",
+        "data": str(Path(args.data).resolve()),
+        **{k: getattr(args, k) for k in ("steps", "pretrain_steps", "mscon_steps", "low_label")},
+    }
+    if args.overwrite:
+        remove_tree(local_dir(out))
+    try:
+        check_resume(local_dir(out), settings, what=str(out), overwrite_hint="pass --overwrite")
+    except NeurorayError as err:
+        raise SystemExit(f"em_quality: {err}") from None
+    write_fingerprint(local_dir(out), settings)
 
     from neuroray.runtime import connect
 
     connect(num_cpus=2, object_store_mb=1024, log_to_driver=False)
-    out = Path(args.out)
     urls = ingest_all(args.data, out / "layers")
     inits = {"scratch": "scratch"} if "scratch" in args.methods else {}
     for item in args.pretrained:
