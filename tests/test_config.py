@@ -81,3 +81,50 @@ def test_overrides_do_not_mutate_input():
     out = apply_overrides(data, ["train.lr=2", "new.deep.key=3"])
     assert data == {"train": {"lr": 1.0}}
     assert out == {"train": {"lr": 2}, "new": {"deep": {"key": 3}}}
+
+
+def _billion_laughs(levels: int) -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_anchors_and_oversized_files_are_refused(tmp_path):
+    import time
+
+    from neuroray.config import MAX_YAML_BYTES, parse_override, read_yaml
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_billion_laughs(10))  # 9**10 strings once expanded
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(Job, bomb)
+    assert time.monotonic() - started < 5
+    selfref = tmp_path / "selfref.yaml"
+    selfref.write_text("name: &n [*n]\n")
+    with pytest.raises(ConfigError, match=r"anchor &n at line 1"):
+        read_yaml(selfref)
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        parse_override("masks=*m")
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(Job, None, ["masks=&m [random]"])
+    big = tmp_path / "big.yaml"
+    big.write_text("name: " + "x" * MAX_YAML_BYTES + "\n")
+    with pytest.raises(ConfigError, match="larger than"):
+        read_yaml(big)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        read_yaml(binary)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        read_yaml(deep)
+    date = tmp_path / "date.yaml"
+    date.write_text("name: 2024-13-45\n")  # looks like a timestamp, is not a date
+    with pytest.raises(ConfigError, match="not valid"):
+        read_yaml(date)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("name: ok\ntrain: {lr: 0.01}\nmasks: [random, tube]\n")
+    assert load_config(Job, plain).masks == ["random", "tube"]

@@ -85,9 +85,7 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
     home.mkdir(exist_ok=True)
     drop = ("AWS_", "GOOGLE_", "GCE_", "CLOUDSDK_", "CLOUD_VOLUME", "CLOUD_FILES", "GCLOUD")
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(drop) and "proxy" not in k.lower()
+        k: v for k, v in os.environ.items() if not k.startswith(drop) and "proxy" not in k.lower()
     }
     env.update(
         HOME=str(home),

@@ -187,3 +187,25 @@ def test_chunk_grid_tiles_bounds_and_touching_chunks():
     touching = list(chunks_touching(crop, (4, 8, 5), bounds))
     assert len(touching) == 4
     assert all(not b.intersect(crop).empty for b in touching)
+
+
+def test_empty_shapes_unknown_schemes_and_read_only_web_servers_are_refused(tmp_path):
+    from neuroray.platform.volume import check_destination, url_scheme
+
+    assert url_scheme("zarr://s3://b/x.zarr") == "s3"
+    assert url_scheme("precomputed://gs://b/x") == "gs"
+    assert url_scheme("/data/x") is None and url_scheme("file:///data/x") == "file"
+    for shape, chunks in (((4, 0, 4), (4, 4, 4)), ((4, 4, 4), (4, 0, 4))):
+        with pytest.raises(VolumeError, match="empty|positive"):
+            create_volume(tmp_path / "v", shape=shape, dtype="uint8", chunk_shape=chunks)
+        assert not (tmp_path / "v").exists()
+    with pytest.raises(VolumeError, match="read-only"):
+        check_destination("https://127.0.0.1:9/layer")  # refused before any request
+    with pytest.raises(VolumeError, match="unsupported URL scheme s3a://"):
+        check_destination("zarr://s3a://bucket/x.zarr")
+    with pytest.raises(VolumeError, match="unsupported URL scheme S3://"):
+        open_volume("S3://bucket/raw")  # schemes are lower case; not a local folder "S3:"
+    zero = zarr.create_array(store=str(tmp_path / "z.zarr"), shape=(0, 4, 4), dtype="uint8")
+    assert zero.shape == (0, 4, 4)
+    with pytest.raises(VolumeError, match="empty"):
+        open_volume(tmp_path / "z.zarr")
