@@ -206,7 +206,7 @@ def _load_from_file(path: Path, num_heads: int | None) -> Vit2D:
         )
     notes: list[str] = []
     meta: dict[str, Any] = {}
-    state = None if suffix == ".npz" else _read_state_dict(path)
+    state = None if suffix == ".npz" else read_state_dict(path)
     side = sidecar_path(path)
     if side.is_file():
         try:
@@ -246,7 +246,7 @@ def _load_from_file(path: Path, num_heads: int | None) -> Vit2D:
     return Vit2D(model.eval(), f"file:{path}", mean, std, notes)
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path) -> dict[str, Tensor]:
     """The tensors of a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file, never running
     pickled code: torch files load with ``weights_only=True`` (timm's default)."""
     import pickle
