@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -349,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="where the demo writes everything")
     demo.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
     demo.add_argument(
-        "--fresh", action="store_true", help="delete --out first (else a rerun resumes)"
+        "--fresh",
+        action="store_true",
+        help="delete --out first, if the demo made it (else a rerun resumes)",
     )
     demo.set_defaults(func=cmd_demo)
 
@@ -362,9 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
 EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings.showwarning's signature
+    """neuroray's own warnings (e.g. NaN voxels at ingest) read like its errors: one line."""
+    if not str(filename).startswith(_PACKAGE_DIR):
+        _show_warning(message, category, filename, lineno, file, line)
+        return
+    print(f"neuroray: warning: {message}", file=file or sys.stderr)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _warn_in_one_line
     try:
         args.func(args)
     except NeurorayError as err:

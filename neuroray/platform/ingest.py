@@ -35,6 +35,7 @@ from neuroray.platform.volume import (
     LayerType,
     Volume,
     ZarrVolume,
+    check_destination,
     create_volume,
     open_volume,
 )
@@ -240,6 +241,7 @@ def ingest(
     ``on_chunk`` is called after each chunk is durably written.
     """
     source = src if isinstance(src, Volume) else open_volume(src)
+    check_destination(dst)  # scheme and credentials, before any marker is read
     if any(VOLUME_FORMATS.get(name).matches(dst) for name in ("hdf5", "tiff", "npy")):
         raise VolumeError(f"{dst}: ingest writes precomputed layers or .zarr arrays only")
     layer_type = _layer_type_for(source, labels)

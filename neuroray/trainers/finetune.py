@@ -334,6 +334,8 @@ def score_prediction(
 
 def finetune(job: FinetuneJob) -> Any:
     """Start chunk servers for the image + labels and fine-tune; returns Ray's Result."""
+    if job.model.init.startswith(("checkpoint:", "file:")):
+        build_segmenter(job)  # a bad checkpoint or weights file fails here, before Ray starts
     return run_with_pool(SegmentationTask, job)
 
 
