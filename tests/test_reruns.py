@@ -207,6 +207,7 @@ def test_segment_rerun_with_another_threshold_refuses_then_equals_a_fresh_run(
         (["roi=[10,0,0,5,64,64]"], "start < stop"),
         (["roi=[-32,0,0,32,64,64]"], "roi"),
         (["task=nope"], "task"),
+        (["output=s3://bucket/seg"], "local folder"),
     ],
 )
 def test_segment_bad_settings_fail_before_ray_starts(affinities, tmp_path, capsys, extra,

@@ -121,6 +121,8 @@ def _start(
         "stacks": [{"tif": file_identity(t), "swc": file_identity(s)} for t, s in pairs],
         **settings,
     }
+    if "://" in str(dst):
+        raise VolumeError(f"{dst}: LM layers are written to a local folder only")
     directory = local_dir(dst)
     if not overwrite:
         check_resume(directory, fingerprint, what=str(dst), overwrite_hint="pass --overwrite")

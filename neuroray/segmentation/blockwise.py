@@ -455,6 +455,8 @@ def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
     if config.affinities is None and (config.checkpoint is None or config.image is None):
         raise NeurorayError("segment needs checkpoint + image, or an existing affinities layer")
     check_inputs(config)
+    if local_file(config.output) is None:
+        raise NeurorayError(f"output {config.output}: segment writes to a local folder only")
     out = Path(config.output)
     model = job = None
     if config.affinities is None:  # everything that can fail on input fails before Ray starts
