@@ -16,7 +16,6 @@ from neuroray.errors import NeurorayError
 from neuroray.platform.ingest import ingest
 from neuroray.platform.lm_data import read_lm_record
 from neuroray.platform.volume import create_volume, open_volume
-from neuroray.segmentation.blockwise import SegmentConfig, segment
 from neuroray.segmentation.targets import seg_to_affinities
 
 
