@@ -222,3 +222,23 @@ def test_config_drives_the_generator():
 def test_bad_arguments_raise_config_errors(call):
     with pytest.raises(ConfigError):
         call()
+
+
+def test_rewriting_the_same_synthetic_files_keeps_them_untouched(tmp_path):
+    """A demo rerun writes its sources again: unchanged files keep their modification time, so
+    layers ingested from them still match their fingerprints; another seed rewrites them."""
+    import os
+
+    def stamps() -> dict[str, int]:
+        return {p.name: os.stat(p).st_mtime_ns for p in sorted(tmp_path.iterdir())}
+
+    from neuroray.platform.synthetic import write_synthetic
+
+    for kind, shape in (("em", (16, 64, 64)), ("lm", (16, 64, 64))):
+        write_synthetic(kind, tmp_path, shape=shape, seed=0)
+    first = stamps()
+    for kind, shape in (("em", (16, 64, 64)), ("lm", (16, 64, 64))):
+        write_synthetic(kind, tmp_path, shape=shape, seed=0)
+    assert stamps() == first and len(first) == 3
+    write_synthetic("em", tmp_path, shape=(16, 64, 64), seed=1)
+    assert stamps()["synth_em.h5"] != first["synth_em.h5"]

@@ -518,6 +518,19 @@ def _range(values: Sequence[float], name: str) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- files on disk
+def _h5_holds(path: Path, arrays: dict[str, np.ndarray]) -> bool:
+    """Whether the HDF5 file at ``path`` already holds exactly these datasets."""
+    import h5py
+
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return all(name in f and np.array_equal(f[name][()], a) for name, a in arrays.items())
+    except OSError:
+        return False
+
+
 def write_synthetic(
     kind: str, directory: str | Path, *, shape: Sequence[int] | None = None, seed: int = 0
 ) -> dict[str, str]:
@@ -526,6 +539,8 @@ def write_synthetic(
     EM: one HDF5 file with ``raw``, ``labels`` and ``mito`` datasets and a ``resolution_nm_zyx``
     attribute (like the files in ``shared/data/em``). LM: a TIFF stack with its spacing in the
     description plus the gold-standard SWC beside it (like the DIADEM stacks).
+    Files that already hold exactly this content are left alone, so what was ingested from
+    them before still matches its fingerprint (size and modification time).
     """
     import h5py
     import tifffile
@@ -537,6 +552,10 @@ def write_synthetic(
     if kind == "em":
         em = synth_em(**({"shape": shape} if shape else {}), seed=seed)
         path = directory / "synth_em.h5"
+        urls = {name: f"{path}#{name}" for name in ("raw", "labels", "mito")}
+        arrays = {"raw": em.raw, "labels": em.labels, "mito": em.mito.astype(np.uint8)}
+        if _h5_holds(path, arrays):
+            return urls
         tmp = path.with_suffix(".h5.tmp")
         with h5py.File(tmp, "w") as f:
             for name, array in (("raw", em.raw), ("labels", em.labels), ("mito", em.mito)):
@@ -550,13 +569,21 @@ def write_synthetic(
             f.attrs["axis_order"] = "zyx"
             f.attrs["source"] = f"neuroray synth_em seed={seed}"
         tmp.replace(path)
-        return {name: f"{path}#{name}" for name in ("raw", "labels", "mito")}
+        return urls
     if kind == "lm":
         lm = synth_lm(**({"shape": shape} if shape else {}), seed=seed)
         image_path = directory / "synth_lm.tif"
         spacing = [v / 1000 for v in lm.voxel_size]
-        tifffile.imwrite(image_path, lm.image, metadata={"spacing_um_zyx": spacing, "axes": "ZYX"})
+        if not (image_path.is_file() and np.array_equal(tifffile.imread(image_path), lm.image)):
+            tifffile.imwrite(
+                image_path, lm.image, metadata={"spacing_um_zyx": spacing, "axes": "ZYX"}
+            )
         swc_path = directory / "synth_lm.swc"
-        write_swc(lm.tree, swc_path, comment=f"neuroray synth_lm seed={seed}; x,y px, z slice")
+        tmp = swc_path.with_suffix(".swc.tmp")
+        write_swc(lm.tree, tmp, comment=f"neuroray synth_lm seed={seed}; x,y px, z slice")
+        if swc_path.is_file() and swc_path.read_bytes() == tmp.read_bytes():
+            tmp.unlink()
+        else:
+            tmp.replace(swc_path)
         return {"image": str(image_path), "swc": str(swc_path)}
     raise ConfigError(f"unknown synthetic kind {kind!r}; use 'em' or 'lm'")
