@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
+import torch
 
 from neuroray.config import validate
 from neuroray.models.unetr import UNETR, load_encoder
@@ -35,13 +39,65 @@ def _job(storage, name, steps, **run):
     })
 
 
-def test_failure_recovers_and_rerun_continues(ray_session, medulla_raw, tmp_path):
-    job = _job(tmp_path, "resume", steps=8, fail_at_step=5, max_failures=1)
+def _tensorboard_losses(job) -> list[tuple[int, float]]:
+    """(step, train/loss) as logged, from every events file of the run (all its starts)."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    losses = []
+    events = EventMultiplexer().AddRunsFromDirectory(str(job.run.tensorboard_path()))
+    events.Reload()
+    for run in events.Runs():
+        if "train/loss" in events.GetAccumulator(run).Tags()["scalars"]:
+            losses += [(e.step, e.value) for e in events.Scalars(run, "train/loss")]
+    return sorted(losses)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_killed_worker_process_resumes_to_the_same_weights_as_an_undisturbed_run(
+    ray_session, medulla_raw, tmp_path
+):
+    """The Train worker process dies (os._exit, no Python exception) at step 5; Ray Train
+    restarts it from the step-3 checkpoint. Crops, masks and initial weights are seeded by
+    (seed, rank, step) and CPU kernels run on one thread, so the recovered run must end with
+    bitwise the same weights and losses as a run that was never disturbed.
+
+    Reports every step: ``ray.train.report`` only queues a report in the worker (a queue of one)
+    and the controller collects it at its next poll, so a process that dies within a poll of
+    reporting a checkpoint loses it and restarts from the one before (here: from scratch). With
+    a report per step, the step-4 report waits until the step-3 checkpoint was collected."""
+    job = _job(tmp_path, "killed", steps=8, fail_at_step=5, fail_mode="exit", max_failures=1,
+               report_every=1)
     job.data.image = medulla_raw
     result = pretrain(job)
     assert result.metrics["step"] == 8
-    assert read_starts(job.run) == [0, 3]  # failed at 5, resumed from the step-3 checkpoint
-    assert load_model_checkpoint(result.checkpoint.path)["step"] == 8
+    injected = json.loads((tmp_path / "killed" / ".injected_failure").read_text())
+    assert injected["step"] == 5 and injected["mode"] == "exit"
+    assert _process_gone(injected["pid"])  # the worker process really died
+    assert read_starts(job.run) == [0, 3]  # resumed from the step-3 checkpoint
+    killed = load_model_checkpoint(result.checkpoint.path)
+
+    clean_job = _job(tmp_path, "clean", steps=8, report_every=1)
+    clean_job.data.image = medulla_raw
+    clean_result = pretrain(clean_job)
+    assert read_starts(clean_job.run) == [0]
+    clean = load_model_checkpoint(clean_result.checkpoint.path)
+
+    assert killed["step"] == clean["step"] == 8
+    assert killed["state_dict"].keys() == clean["state_dict"].keys()
+    differ = [k for k, v in clean["state_dict"].items() if not torch.equal(v, killed["state_dict"][k])]
+    assert not differ, f"weights differ from the undisturbed run: {differ}"
+    clean_losses = dict(_tensorboard_losses(clean_job))
+    assert sorted(clean_losses) == list(range(1, 9))
+    losses = _tensorboard_losses(job)  # steps 1-4 from the first start, 4-8 after the restart
+    assert sorted({step for step, _ in losses}) == list(range(1, 9))
+    assert all(loss == clean_losses[step] for step, loss in losses), (losses, clean_losses)
 
     longer = job.model_copy(update={"run": job.run.model_copy(update={"steps": 11})})
     result = pretrain(longer)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
+import torch
 
 from neuroray.errors import ConfigError, VolumeError
+from neuroray.platform.augment import as_float_image
 from neuroray.platform.box import Box, chunk_grid, chunks_touching
 from neuroray.platform.ingest import ingest, read_manifest
 from neuroray.platform.sampler import CropDataset, CropSampler
@@ -193,6 +195,29 @@ def test_resumed_dataset_continues_the_same_stream(pool):
     assert head + tail == full
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="CropDataset seeds augmentation once per (rank, epoch) and does not draw it for the "
+    "samples it skips when resuming mid-epoch, so a resumed run augments differently from an "
+    "undisturbed one (neuroray/platform/sampler.py)",
+)
+def test_resumed_dataset_with_augmentation_continues_the_same_samples(pool):
+    from neuroray.platform.augment import build_pipeline
+
+    sampler = CropSampler(pool.bounds, (16, 64, 64), seed=5)
+
+    def dataset():
+        return CropDataset(pool, sampler, samples_per_epoch=12, augment=build_pipeline("em"))
+
+    full = list(dataset())
+    resumed = dataset()
+    resumed.load_state_dict({"epoch": 0, "consumed": 5})
+    tail = list(resumed)
+    assert [s["box"].tolist() for s in tail] == [s["box"].tolist() for s in full[5:]]
+    for a, b in zip(tail, full[5:], strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
+
+
 @pytest.mark.parametrize("mode", ["chunks", "crops"])
 def test_killed_server_loses_and_duplicates_nothing(ray_session, gala, mode):
     layers, arrays = gala
@@ -208,16 +233,28 @@ def test_killed_server_loses_and_duplicates_nothing(ray_session, gala, mode):
     try:
         sampler = CropSampler(pool.bounds, (8, 32, 32), seed=11)
         expected = [next(b) for b in [sampler.boxes(0, 0)] for _ in range(60)]
-        dataset = CropDataset(pool, sampler, samples_per_epoch=60, crops_per_request=4, prefetch=3)
+
+        def dataset():
+            return CropDataset(pool, sampler, samples_per_epoch=60, crops_per_request=4, prefetch=3)
+
+        undisturbed = list(dataset())  # the same seed, no server killed
         seen = []
         victim_pid = ray.get(pool.servers[0].ping.remote())
-        for i, sample in enumerate(dataset):
+        for i, sample in enumerate(dataset()):
             if i == 10:
                 ray.kill(pool.servers[0], no_restart=False)
             box = Box.from_list(sample["box"].tolist())
             np.testing.assert_array_equal(sample["labels"].numpy(), arrays["labels"][box.slices])
+            np.testing.assert_array_equal(  # image values too, exactly as served from the source
+                sample["image"][0].numpy(), as_float_image(arrays["image"][box.slices])
+            )
+            clean = undisturbed[i]
+            assert sample.keys() == clean.keys()
+            for key in clean:  # bit for bit the undisturbed stream's sample
+                assert sample[key].dtype == clean[key].dtype, (i, key)
+                assert torch.equal(sample[key], clean[key]), (i, key)
             seen.append(box)
-        assert seen == expected  # none lost, none duplicated, same order
+        assert seen == expected and len(undisturbed) == 60  # none lost or duplicated, same order
         assert pool.stats_.retries >= 1
         assert ray.get(pool.servers[0].ping.remote()) != victim_pid  # it was restarted
     finally:
