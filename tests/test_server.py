@@ -195,12 +195,6 @@ def test_resumed_dataset_continues_the_same_stream(pool):
     assert head + tail == full
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CropDataset seeds augmentation once per (rank, epoch) and does not draw it for the "
-    "samples it skips when resuming mid-epoch, so a resumed run augments differently from an "
-    "undisturbed one (neuroray/platform/sampler.py)",
-)
 def test_resumed_dataset_with_augmentation_continues_the_same_samples(pool):
     from neuroray.platform.augment import build_pipeline
 

@@ -197,10 +197,6 @@ class CropDataset(IterableDataset):
             yield [next(boxes) for _ in range(self.crops_per_request)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # Augmentation randomness is seeded per (rank, epoch) too, apart from the locations.
-        aug_rng = np.random.default_rng(
-            np.random.SeedSequence([self.sampler.seed, self.rank, self.epoch, 1])
-        )
         sent: deque[list[Box]] = deque()
 
         def requests() -> Iterator[list[Box]]:
@@ -224,9 +220,16 @@ class CropDataset(IterableDataset):
                 if accepted <= self.consumed:  # replaying up to where a resumed run stopped
                     continue
                 self.consumed = accepted  # counted when handed out, as a checkpoint sees it
-                yield self._sample(images[i], crop_labels, boxes[i], aug_rng)
+                yield self._sample(images[i], crop_labels, boxes[i], self._augment_rng(accepted))
                 if accepted >= self.samples_per_epoch:
                     return
+
+    def _augment_rng(self, accepted: int) -> np.random.Generator:
+        """Augmentation randomness of the n-th accepted crop of (rank, epoch), apart from the
+        locations: seeded per sample, so a run resumed mid-epoch augments as it would have."""
+        return np.random.default_rng(
+            np.random.SeedSequence([self.sampler.seed, self.rank, self.epoch, 1, accepted])
+        )
 
     def _sample(
         self, image: np.ndarray, labels: np.ndarray | None, box: Box, rng: np.random.Generator
