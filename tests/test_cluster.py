@@ -128,12 +128,34 @@ def _config_model(args):
     return None
 
 
+CLUSTER_FS = "/mnt/shared/"  # the cluster's shared file system in the README's commands
+
+
+def _load_cluster_job(model, args):
+    """``_load_job`` as the CLI runs it, except that inputs on the cluster's shared file system
+    (which do not exist on this machine) are not required to exist here; every other input is."""
+    from neuroray.cli import _load_job
+    from neuroray.config import load_config
+    from neuroray.errors import ConfigError
+
+    try:
+        return _load_job(model, args)
+    except ConfigError as error:
+        message = str(error)
+        if not message.startswith("input not found: "):
+            raise
+        missing = message.removeprefix("input not found: ").split(" (relative")[0].split(", ")
+        if not all(f"={CLUSTER_FS}" in m or f":{CLUSTER_FS}" in m for m in missing):
+            raise
+    paths = [a for a in args.args if "=" not in a]
+    overrides = [*getattr(args, "fixed_overrides", []), *(a for a in args.args if "=" in a)]
+    return load_config(model, paths[0] if paths else None, overrides)
+
+
 @pytest.mark.parametrize("label,command", _all_commands(), ids=[c[0] for c in _all_commands()])
 def test_command_matches_the_cli(label, command):
     """The command parses, and its config + overrides load (the image's /home/ray/neuroray is the
     repository root)."""
-    from neuroray.cli import _load_job
-
     try:
         args = build_parser().parse_args(command[1:])
     except SystemExit as exit_:
@@ -144,7 +166,7 @@ def test_command_matches_the_cli(label, command):
         return
     args.args = [a.replace("/home/ray/neuroray/", f"{REPO}/") for a in args.args]
     args.args = [a if "=" in a or Path(a).is_absolute() else str(REPO / a) for a in args.args]
-    config = _load_job(model, args)  # unknown keys or wrong types raise ConfigError
+    config = _load_cluster_job(model, args)  # unknown keys or wrong types raise ConfigError
     if model.__name__ == "SweepConfig":
         from neuroray.tuning.sweeps import prepare_sweep
 
@@ -235,6 +257,37 @@ def test_kuberay_cluster_autoscales_with_cpu_and_gpu_groups():
     assert images == {PROJECT_IMAGE}
 
 
+def _dashboard_hosts(name: str) -> list[str]:
+    """Every dashboard host a cluster file sets (launcher flags or KubeRay rayStartParams)."""
+    config = _load(name)
+    if name in LAUNCHER_FILES:
+        starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+        return re.findall(r"--dashboard-host[= ](\S+)", starts)
+    return [p["dashboard-host"] for p in _values(config, "rayStartParams") if "dashboard-host" in p]
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES + ("kuberay-raycluster.yaml",))
+def test_the_dashboard_stays_on_loopback(name):
+    """The dashboard runs submitted code: heads keep it on 127.0.0.1, reached by a forward."""
+    assert _dashboard_hosts(name) == ["127.0.0.1"]
+    text = (CLUSTER / name).read_text()
+    assert "0.0.0.0" not in text
+    readme = (CLUSTER / "README.md").read_text()
+    forward = f"ray dashboard cluster/{name}" if name in LAUNCHER_FILES else "kubectl port-forward"
+    assert forward in readme and "ssh -L 8265:127.0.0.1:8265" in readme
+
+
+def test_the_rayjob_dashboard_is_the_documented_exception_and_needs_the_token():
+    """K8sJobMode's submitter pod and the operator reach the dashboard over the pod network."""
+    job = _load("kuberay-rayjob.yaml")
+    assert _dashboard_hosts("kuberay-rayjob.yaml") == ["0.0.0.0"]
+    assert job["spec"]["submissionMode"] == "K8sJobMode"
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    readme = (CLUSTER / "README.md").read_text()
+    assert "**The exception: `kuberay-rayjob.yaml`**" in readme
+
+
 def test_dockerfile_builds_on_the_matching_ray_image():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     base = re.search(r"^FROM\s+(\S+)", dockerfile, flags=re.M)[1]
@@ -284,6 +337,29 @@ def test_rayignore_leaves_out_environments_runs_and_data(tmp_path):
     for path in left_out + kept:
         (tree / path).parent.mkdir(parents=True, exist_ok=True)
         (tree / path).write_text("x")
+    files = {name for name in _upload(tree, tmp_path / "probe.zip") if not name.endswith("/")}
+    assert files == {".rayignore", ".gitignore", *kept}
+
+
+CREDENTIALS = (".env", ".env.production", "deploy/server.pem", "ssl/tls.key", "keys/id_rsa",
+               "keys/id_ed25519.pub", ".ssh/config", ".aws/credentials", ".aws/config",
+               ".config/gcloud/application_default_credentials.json", ".kube/config",
+               ".ray/auth_token", "auth_token", ".netrc", ".pypirc", ".git-credentials",
+               "gcp-credentials.json", "service-account-prod.json", "store/user.p12",
+               "infra/terraform.tfstate", ".docker/config.json")  # fmt: skip
+
+
+def test_rayignore_leaves_out_credentials(tmp_path):
+    """Keys, tokens and cloud credential files anywhere in the checkout stay on this machine."""
+    tree = tmp_path / "checkout"
+    tree.mkdir()
+    for name in (".rayignore", ".gitignore"):
+        (tree / name).write_text((REPO / name).read_text())
+    kept = ("neuroray/cli.py", "configs/finetune_em.yaml", "cluster/aws.yaml", "docs/keys.md",
+            "neuroray/env.py", "neuroray/agents/env.py")  # fmt: skip
+    for path in (*CREDENTIALS, *(f"sub/dir/{c}" for c in CREDENTIALS), *kept):
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_text("secret")
     files = {name for name in _upload(tree, tmp_path / "probe.zip") if not name.endswith("/")}
     assert files == {".rayignore", ".gitignore", *kept}
 

@@ -425,6 +425,46 @@ def latest_rl_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def check_rl_checkpoint_unpickled(checkpoint: Path | None) -> None:
+    """Refuse an RL checkpoint that ``restore_from_path`` would unpickle: it reads each
+    component's ``*state.msgpack``, falling back to a pickled ``*state.pkl``. (RLlib 2.60 also
+    pickles ``class_and_ctor_args.pkl``, which only ``Algorithm.from_checkpoint`` reads.)"""
+    import importlib.util
+
+    if importlib.util.find_spec("msgpack_numpy") is None:
+        raise DbMiMError("dbMiM's RL checkpoints need msgpack-numpy: pip install msgpack-numpy")
+    if checkpoint is None:
+        return
+    pickled = sorted(
+        p for p in checkpoint.rglob("*state.pkl") if not p.with_suffix(".msgpack").exists()
+    )
+    if pickled:
+        raise DbMiMError(
+            f"RL checkpoint {checkpoint} holds pickled state ({pickled[0].relative_to(checkpoint)}),"
+            " which neuroray does not load: delete it (or its rl/ folder) to start the RL side over"
+        )
+
+
+class msgpack_checkpoint_io:  # noqa: N801 (a context manager, used like a function)
+    """Around an RLlib msgpack checkpoint read or write: RLlib calls ``msgpack_numpy.patch()``,
+    which swaps ``msgpack``'s functions process-wide, and Ray serialises with them, so numpy
+    arrays this process sent afterwards would arrive as dicts. Put the originals back."""
+
+    _NAMES = ("Packer", "Unpacker", "load", "loads", "dump", "dumps", "pack", "packb", "unpack",
+              "unpackb")  # fmt: skip
+
+    def __enter__(self) -> None:
+        import msgpack
+
+        self._saved = {name: getattr(msgpack, name) for name in self._NAMES}
+
+    def __exit__(self, *exc: object) -> None:
+        import msgpack
+
+        for name, value in self._saved.items():
+            setattr(msgpack, name, value)
+
+
 class RLRunner:
     """The RL loop of a dbMiM run, as a Ray actor (see :func:`start_rl_runner`).
 
@@ -497,7 +537,8 @@ class RLRunner:
         final = directory / f"checkpoint_{self.iteration:06d}"
         tmp = directory / f".tmp_checkpoint_{self.iteration:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        algo.save_to_path(str(tmp))
+        with msgpack_checkpoint_io():
+            algo.save_to_path(str(tmp), use_msgpack=True)  # state as msgpack, not pickle
         net = algo.get_module("shared").net
         torch.save(
             {
@@ -520,9 +561,11 @@ class RLRunner:
 
     def _restore(self, algo: Any, directory: Path) -> None:
         latest = latest_rl_checkpoint(directory)
+        check_rl_checkpoint_unpickled(latest)  # (and msgpack-numpy present before any save)
         if latest is None:
             return
-        algo.restore_from_path(str(latest))
+        with msgpack_checkpoint_io():
+            algo.restore_from_path(str(latest))
         state = json.loads((latest / "rl_state.json").read_text())
         self.iteration = int(state["iteration"])
         self.summary["restored_from"] = str(latest)
