@@ -184,13 +184,14 @@ def score_test_slab(
     from neuroray.segmentation.blockwise import load_segmenter
     from neuroray.segmentation.evaluate import evaluate_arrays
     from neuroray.segmentation.inference import predict_array, segment_affinities, segment_binary
+    from neuroray.segmentation.tasks import get_task
 
     model, job = load_segmenter(checkpoint)
     box = Box.from_list(test_roi)
     raw = open_volume(image).read(box).astype(np.float32) / 255
     truth = open_volume(labels).read(box)
     probs = predict_array(model, raw, job.model.encoder.img_size)
-    if task == "em":
+    if get_task(task).instances:
         seg = segment_affinities(probs, [threshold], voxel_size=open_volume(image).voxel_size)[
             threshold
         ]

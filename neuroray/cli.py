@@ -173,13 +173,6 @@ PRETRAIN_METHODS = {
 }
 
 
-FINETUNE_TASKS = {
-    "em": "EM neurons: affinities -> waterz, validated by VOI / ARAND",
-    "mito": "mitochondria: binary masks, validated by Dice / IoU",
-    "lm": "light-microscopy neurons (SWC labels): binary masks, Dice / IoU",
-}
-
-
 def _available(methods: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
     import importlib.util
 
@@ -301,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser("finetune", help="fine-tune a UNETR for segmentation")
     tasks = finetune.add_subparsers(dest="task", metavar="TASK", required=True)
-    for name, help_text in FINETUNE_TASKS.items():
-        task = tasks.add_parser(name, help=help_text)
+    from neuroray.segmentation.tasks import TASKS
+
+    for name in TASKS:
+        task = tasks.add_parser(name, help=TASKS.get(name).help)
         _add_job_arguments(task)
         task.set_defaults(
             func=cmd_job, job_module="neuroray.trainers.finetune", fixed_overrides=[f"task={name}"]
@@ -335,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("segmentation", help="segmentation layer URL")
     evaluate.add_argument("labels", help="ground-truth layer URL")
-    evaluate.add_argument("--task", choices=["em", "binary"], default="em")
+    evaluate.add_argument(
+        "--task",
+        choices=[*TASKS, "binary"],
+        default="em",
+        help="the task whose metrics to report (binary: Dice / IoU of any foreground mask)",
+    )
     evaluate.add_argument("--roi", type=_parse_roi, default=None, help="z0,y0,x0,z1,y1,x1")
     evaluate.add_argument("--image", default=None, help="image layer for the PNG preview")
     evaluate.add_argument("--out", default=None, help="folder for metrics.json and preview.png")

@@ -14,7 +14,8 @@ from neuroray.config import validate
 from neuroray.errors import ConfigError
 from neuroray.platform.ingest import ingest
 from neuroray.platform.volume import create_volume, open_volume
-from neuroray.trainers.finetune import FinetuneJob, binary_targets, em_targets, finetune
+from neuroray.segmentation.tasks import binary_targets, em_targets
+from neuroray.trainers.finetune import FinetuneJob, finetune
 from neuroray.trainers.loop import load_model_checkpoint
 
 TINY_ENCODER = {"size": None, "width": 48, "depth": 2, "heads": 2, "img_size": [16, 64, 64],
@@ -46,7 +47,7 @@ def gala_layers(data_dir, tmp_path_factory):
 
 
 def test_targets_have_the_documented_shapes(data_dir):
-    from neuroray.trainers.finetune import TargetSettings
+    from neuroray.segmentation.tasks import TargetSettings
 
     labels = open_volume(f"{data_dir}/em/fib_gala_train.h5#labels")[:16, :64, :64]
     affs, weights = em_targets(labels, TargetSettings())

@@ -48,6 +48,7 @@ from neuroray.platform.provenance import (
 )
 from neuroray.platform.storage import put_atomic, remove_tree
 from neuroray.platform.volume import create_volume, open_volume
+from neuroray.segmentation.tasks import TaskName, get_task
 
 BLOCK_ID_SHIFT = np.uint64(32)
 
@@ -70,7 +71,7 @@ class SegmentConfig(StrictModel):
     """Overlap used to segment each block together with its neighbours' voxels, for stitching."""
     threshold: float = Field(0.5, gt=0, lt=1)
     """waterz merge threshold (EM; pick it on validation data) or foreground threshold."""
-    task: Literal["em", "mito", "lm"] | None = None
+    task: TaskName | None = None
     """em | mito | lm; read from the checkpoint when not given."""
     cpus_per_task: float = Field(1.0, gt=0)
     overwrite: bool = False
@@ -130,22 +131,13 @@ class Markers:
 
 # ---------------------------------------------------------------------- model loading in tasks
 def load_segmenter(checkpoint: str) -> tuple[Any, Any]:
-    """The fine-tuned UNETR of a checkpoint (weights loaded) and its job config."""
-    from neuroray.trainers.finetune import FinetuneJob, build_segmenter
-    from neuroray.trainers.loop import load_model_checkpoint
+    """The fine-tuned segmenter of a checkpoint (weights loaded, eval mode) and a
+    :class:`~neuroray.models.segmenter.SegmenterCheckpoint` (``task``, ``out_channels``,
+    ``model.encoder.img_size``): the checkpoint contract in models/, no training code. Imported
+    here lazily, so that importing this module stays free of torch."""
+    from neuroray.models.segmenter import load_segmenter as from_checkpoint
 
-    state = load_model_checkpoint(checkpoint)
-    if not str(state["kind"]).startswith("finetune_"):
-        raise NeurorayError(
-            f"{checkpoint} is a {state['kind']} checkpoint; segmenting needs a fine-tuned one "
-            "(neuroray finetune em|mito|lm)"
-        )
-    job = FinetuneJob.model_validate_json(state["job"])
-    job = job.model_copy(update={"model": job.model.model_copy(update={"init": "scratch"})})
-    model, _, _ = build_segmenter(job)
-    model.load_state_dict(state["state_dict"])
-    model.eval()
-    return model, job
+    return from_checkpoint(checkpoint)
 
 
 # ---------------------------------------------------------------------- block tasks
@@ -353,7 +345,7 @@ LATER_STAGES = ("agglomerate", "halos", "relabel", "threshold", "mapping.npz")
 
 def _checkpoint_identity(checkpoint: str) -> dict[str, Any]:
     """The model file a checkpoint argument resolves to now (a run's newest checkpoint)."""
-    from neuroray.trainers.loop import latest_checkpoint
+    from neuroray.models.checkpoint import latest_checkpoint
 
     path = local_file(checkpoint)
     if path is None:
@@ -478,7 +470,7 @@ def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
     blocks = _blocks(bounds, config.block_shape)
 
     if config.affinities is None:
-        pred_name = "affinities" if task == "em" else "probabilities"
+        pred_name = get_task(task).prediction_layer
         pred_url = str(out / pred_name)
         _ensure_layer(pred_url, image, config.block_shape, "uint8", job.out_channels, "image")
         weights_ref = ray.put((model, job))
@@ -500,7 +492,7 @@ def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
         layers["affinities"] = pred_url
 
     seg_url = str(out / "segmentation")
-    if task == "em":
+    if get_task(task).instances:  # agglomerate blocks, stitch them, relabel
         blocks_url = str(out / "blocks")
         _ensure_layer(blocks_url, reference, config.block_shape, "uint64", 1, "segmentation")
         remote = ray.remote(agglomerate_block).options(**task_options)

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -14,7 +14,10 @@ from neuroray.errors import ConfigError, NeurorayError
 from neuroray.platform.box import Box
 from neuroray.platform.volume import open_volume
 from neuroray.preview import grid, overlay, save_png
-from neuroray.segmentation.metrics import dice, evaluate_segmentation, iou
+from neuroray.segmentation.tasks import get_task
+
+BINARY_ALIAS = "binary"
+"""``--task binary``: score any foreground mask (the metrics of the mito and lm tasks)."""
 
 
 @dataclass
@@ -34,32 +37,27 @@ class EvaluationReport:
 def evaluate_arrays(
     segmentation: np.ndarray,
     labels: np.ndarray,
-    task: Literal["em", "binary"] = "em",
+    task: str = "em",
     *,
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
     border_threshold_nm: float | None = None,
 ) -> dict[str, float]:
-    """EM: VOI split / merge / total, ARAND, CREMI score (GT 0 ignored). Binary: Dice, IoU."""
-    if task == "em":
-        scores = evaluate_segmentation(
-            segmentation, labels, border_threshold_nm=border_threshold_nm, voxel_size=voxel_size
-        )
-        return {
-            "voi_split": scores.voi_split,
-            "voi_merge": scores.voi_merge,
-            "voi": scores.voi,
-            "arand": scores.arand,
-            "cremi_score": scores.cremi_score,
-        }
-    prediction, truth = segmentation > 0, labels > 0
-    return {"dice": dice(prediction, truth), "iou": iou(prediction, truth)}
+    """The task's metrics (see segmentation/tasks.py): EM VOI split / merge / total, ARAND,
+    CREMI score (GT 0 ignored); binary tasks Dice, IoU. ``binary`` names any mask task."""
+    return get_task(_task_name(task)).evaluate(
+        segmentation, labels, voxel_size=voxel_size, border_threshold_nm=border_threshold_nm
+    )
+
+
+def _task_name(task: str) -> str:
+    return "mito" if task == BINARY_ALIAS else task
 
 
 def evaluate_layers(
     segmentation_url: str,
     labels_url: str,
     *,
-    task: Literal["em", "binary"] = "em",
+    task: str = "em",
     roi: tuple[int, ...] | None = None,
     image: str | None = None,
     out: str | None = None,
@@ -69,6 +67,7 @@ def evaluate_layers(
 
     Every argument is checked before any voxel is read or any file written.
     """
+    get_task(_task_name(task))  # an unknown task fails before any voxel is read
     _check_arguments(roi, out, border_threshold_nm)
     seg_volume, gt_volume = open_volume(segmentation_url), open_volume(labels_url)
     if seg_volume.shape != gt_volume.shape:

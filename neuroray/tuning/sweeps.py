@@ -63,22 +63,9 @@ from neuroray.errors import ConfigError, NeurorayError
 from neuroray.paths import InputPath, OutputPath, RunName
 from neuroray.platform.augment import build_pipeline
 from neuroray.registry import Registry
+from neuroray.segmentation.tasks import get_task
 from neuroray.trainers.finetune import FinetuneJob
 from neuroray.trainers.loop import absolute_storage, is_remote, read_starts
-
-# ---------------------------------------------------------------------- metrics per task
-TASK_METRICS: dict[str, dict[str, Literal["min", "max"]]] = {
-    "em": {
-        "val_voi": "min",
-        "val_voi_split": "min",
-        "val_voi_merge": "min",
-        "val_arand": "min",
-        "val_cremi_score": "min",
-    },
-    "mito": {"val_dice": "max", "val_iou": "max"},
-    "lm": {"val_dice": "max", "val_iou": "max"},
-}
-DEFAULT_METRIC = {"em": "val_voi", "mito": "val_dice", "lm": "val_dice"}
 
 AUGMENT_STRENGTH = "augment_strength"
 """A search-space key that is not a job key: it scales the probability ``p`` of every transform
@@ -310,8 +297,9 @@ class PreparedSweep:
 def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     """Load the job, pick the metric, and validate every search-space key against the job."""
     job = load_config(FinetuneJob, config.job, job_overrides(config.overrides))
-    metrics = TASK_METRICS[job.task]
-    metric = config.metric or DEFAULT_METRIC[job.task]
+    task = get_task(job.task)
+    metrics = task.validation_metrics
+    metric = config.metric or task.default_metric
     if metric not in metrics:
         raise ConfigError(
             f"metric {metric!r} is not reported by a {job.task} job; use one of {sorted(metrics)}"
