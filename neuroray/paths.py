@@ -64,6 +64,11 @@ def local_file(value: str) -> Path | None:
     return Path(value.partition("#")[0]).expanduser()
 
 
+def is_remote(path: str) -> bool:
+    """A storage path or checkpoint on a bucket (``s3://``, ``gs://``), not ``file://``."""
+    return "://" in path and not path.startswith("file://")
+
+
 def _resolved(role: PathRole):
     def resolve(value: str | None) -> str | None:
         if value is None or (role.prefixed and not value.startswith(_PATH_PREFIXES)):

@@ -11,15 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 from neuroray.errors import RegistryError
+from neuroray.models.encoder_init import EncoderInit
+from neuroray.models.segmenter import SegmenterConfig, build_segmenter
 from neuroray.models.transfer import (
     INFLATIONS,
-    TransferConfig,
     encoder_from_2d,
-    init_unetr,
     load_vit2d,
     sidecar_path,
     transfer_vit2d,
-    unetr_from_2d,
 )
 from neuroray.models.unetr import UNETRConfig, build_unetr
 from neuroray.models.vit3d import ModelError, ViTConfig
@@ -185,22 +184,37 @@ def test_sidecar_json_names_the_architecture(tmp_path):
 
 
 def test_unetr_from_2d_and_rebuild_from_report(checkpoint):
+    """The segmenter factory (the one encoder-initialisation path) with a 2D source."""
     _, path = checkpoint
-    model, report = unetr_from_2d(f"file:{path}", (8, 64, 64), (4, 16, 16), feature_size=4)
+    encoder = ViTConfig(size="tiny", img_size=(8, 64, 64), patch_size=(4, 16, 16))
+    cfg = SegmenterConfig(init=f"file:{path}", encoder=encoder, feature_size=4)
+    model, note, built = build_segmenter(cfg, out_channels=1)
     x = torch.rand(1, 1, 8, 64, 64)
     assert model(x).shape == (1, 1, 8, 64, 64)
-    rebuilt = build_unetr(UNETRConfig(encoder=report.config, out_channels=1, feature_size=4))
+    rebuilt = build_unetr(UNETRConfig(encoder=built, out_channels=1, feature_size=4))
     rebuilt.load_state_dict(model.state_dict(), strict=True)  # same architecture, key for key
+    assert "inflated (center)" in note and model.encoder.embed_dim == WIDTH
 
-    cfg = UNETRConfig(
-        encoder=ViTConfig(size="tiny", img_size=(8, 64, 64), patch_size=(4, 16, 16)),
-        out_channels=1,
-        feature_size=4,
-    )
-    transferred, transfer_report = init_unetr(cfg, TransferConfig(init=f"file:{path}"))
-    assert transfer_report is not None and transferred.encoder.embed_dim == WIDTH
-    scratch, none = init_unetr(cfg, TransferConfig(init="scratch"))
-    assert none is None and scratch.encoder.embed_dim == 192
+    scratch, note, built = build_segmenter(cfg.model_copy(update={"init": "scratch"}), 1)
+    assert note == "encoder from scratch" and scratch.encoder.embed_dim == 192
+    assert built == encoder
+
+
+def test_every_transfer_option_reaches_the_segmenter(tmp_path):
+    """keep_cls_token, fold_normalization, num_heads and inflate pass through the factory."""
+    vit = small_vit(num_heads=4)  # not width // 64, and no sidecar: only num_heads can say so
+    path = tmp_path / "vit.safetensors"
+    save_file(vit.state_dict(), str(path))
+    encoder = ViTConfig(size="tiny", img_size=(8, 64, 64), patch_size=(4, 16, 16))
+    options = dict(keep_cls_token=False, fold_normalization=True, num_heads=4, inflate="average")
+    cfg = SegmenterConfig(init=f"file:{path}", encoder=encoder, feature_size=4, **options)
+    model, note, built = build_segmenter(cfg, out_channels=3)
+    direct, report = encoder_from_2d(f"file:{path}", (8, 64, 64), (4, 16, 16), **options)
+    assert built == report.config and built.dims() == (WIDTH, DEPTH, 4)
+    assert model.encoder.cls_token is None and not built.cls_token
+    assert "folded in" in note and "average" in note
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[key], value)
 
 
 def test_bad_sources_and_models_raise_model_errors(tmp_path):
@@ -217,7 +231,7 @@ def test_bad_sources_and_models_raise_model_errors(tmp_path):
     with pytest.raises(ModelError, match="q_norm"):
         transfer_vit2d(small_vit(qk_norm=True), (4, 64, 64), (4, 16, 16))
     with pytest.raises(ValueError, match="scratch"):
-        TransferConfig(init="imagenet")
+        EncoderInit(init="imagenet")
     with pytest.raises(RegistryError, match="center"):
         INFLATIONS.get("edge")
 

@@ -60,12 +60,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from neuroray.config import StrictModel
-from neuroray.models.unetr import UNETR, UNETRConfig, build_unetr
 from neuroray.models.vit3d import ModelError, ViT3D, ViTConfig, build_vit3d, resize_pos_embed
 from neuroray.registry import Registry
 
@@ -618,79 +615,3 @@ def encoder_from_2d(
         fold_normalization=fold_normalization,
         drop_path=drop_path,
     )
-
-
-def unetr_from_2d(
-    source: str,
-    img_size: Sequence[int],
-    patch_size: Sequence[int] | None = None,
-    inflate: Inflate = "center",
-    *,
-    out_channels: int = 1,
-    feature_size: int = 16,
-    skip_connections: bool = True,
-    **transfer_options: Any,
-) -> tuple[UNETR, TransferReport]:
-    """A UNETR (binary mask by default) whose encoder is transferred from a 2D ViT."""
-    encoder, report = encoder_from_2d(source, img_size, patch_size, inflate, **transfer_options)
-    model = UNETR(
-        encoder,
-        out_channels=out_channels,
-        skip_connections=skip_connections,
-        feature_size=feature_size,
-    )
-    return model, report
-
-
-class TransferConfig(StrictModel):
-    """How a fine-tuning model's encoder is initialised (``model.init`` / ``model.inflate``).
-
-    ``init``: ``"scratch"`` (the UNETR config's own encoder, random), ``"timm:<name>"`` or
-    ``"file:<path>"``. With a 2D source the encoder's width / depth / heads follow the 2D model;
-    the UNETR config's ``encoder.img_size``, ``encoder.patch_size`` and ``encoder.drop_path`` are
-    kept.
-    """
-
-    init: str = "scratch"
-    inflate: Inflate = "center"
-    keep_cls_token: bool = True
-    fold_normalization: bool = False
-    num_heads: int | None = Field(None, gt=0)
-
-    @field_validator("init")
-    @classmethod
-    def _check_init(cls, value: str) -> str:
-        kind, _, rest = value.partition(":")
-        if value != "scratch" and not (kind in ("timm", "file") and rest):
-            raise ValueError(
-                f"init {value!r} must be 'scratch', 'timm:<model name>' or 'file:<checkpoint>'"
-            )
-        return value
-
-
-def init_unetr(
-    cfg: UNETRConfig, init: TransferConfig | None = None
-) -> tuple[UNETR, TransferReport | None]:
-    """A UNETR as ``cfg`` describes, its encoder from scratch or transferred per ``init``.
-
-    Returns the model and the transfer report (None from scratch). To rebuild the same
-    architecture later (e.g. to load a fine-tuned checkpoint) use
-    ``UNETRConfig(encoder=report.config, ...)`` with :func:`build_unetr`.
-    """
-    init = init or TransferConfig()
-    if init.init == "scratch":
-        return build_unetr(cfg), None
-    model, report = unetr_from_2d(
-        init.init,
-        cfg.encoder.img_size,
-        cfg.encoder.patch_size,
-        init.inflate,
-        out_channels=cfg.out_channels,
-        feature_size=cfg.feature_size,
-        skip_connections=cfg.skip_connections,
-        keep_cls_token=init.keep_cls_token,
-        fold_normalization=init.fold_normalization,
-        drop_path=cfg.encoder.drop_path,
-        num_heads=init.num_heads,
-    )
-    return model, report

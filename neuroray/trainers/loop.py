@@ -10,18 +10,9 @@ latest checkpoint (``ray.train.get_checkpoint()``); so does Train's automatic re
 worker failure (``run.max_failures``). Data streams are seeded per (seed, rank, epoch) and
 positioned from the global step, so a resumed run reads the crops it would have read.
 
-**Checkpoint format** (a contract: fine-tuning and other tools read it)::
-
-    checkpoint_dir/
-      model.pt        {"format": "neuroray.checkpoint/1", "kind": task kind ("mae", "dbmim",
-                       "mscon", "finetune_em", ...), "step": int, "state_dict": model weights
-                       (no DDP prefix), "encoder_prefix": where the ViT3D encoder's keys start
-                       ("encoder." for MAE), "job": the job config as JSON}
-      train_state.pt  {"optimizer", "scheduler", "step", "extras": task state}
-      job.json        the job config (also inside model.pt)
-
-Both files load with ``torch.load(..., weights_only=True)``. Ray Train registers a checkpoint
-only after it is fully persisted, so a reader never sees half of one.
+**Checkpoints** follow the contract in :mod:`neuroray.models.checkpoint` (``model.pt`` +
+``job.json``, read by fine-tuning and blockwise inference without this module); the loop adds
+``train_state.pt`` (optimizer, scheduler, step, task extras) for resume.
 """
 
 from __future__ import annotations
@@ -44,9 +35,11 @@ from torch import nn
 
 from neuroray.config import RayConfig, StrictModel
 from neuroray.errors import NeurorayError
-from neuroray.paths import OutputPath, RunName
-
-CHECKPOINT_FORMAT = "neuroray.checkpoint/1"
+from neuroray.models.checkpoint import (
+    load_model_checkpoint as load_model_checkpoint,  # re-exported: the contract is in models/
+)
+from neuroray.models.checkpoint import load_tensors, write_model_file
+from neuroray.paths import OutputPath, RunName, is_remote
 
 
 class OptimConfig(StrictModel):
@@ -109,10 +102,6 @@ class TrainJob(StrictModel):
     run: RunSettings = RunSettings()
     optim: OptimConfig = OptimConfig()
     ray: RayConfig = RayConfig()
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def absolute_storage(path: str) -> str:
@@ -212,11 +201,6 @@ def warmup_cosine(optim: OptimConfig, total_steps: int):
     return factor
 
 
-def _load_tensors(path: Path) -> dict[str, Any]:
-    """A checkpoint file, without running pickled code (weights_only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _frozen_until(schedule, until: int):
     """A group's schedule with lr 0 before step ``until`` (a frozen warm-up that DDP tolerates,
     unlike toggling requires_grad after the model is wrapped)."""
@@ -233,17 +217,13 @@ def save_checkpoint(
     scheduler: Any,
     step: int,
 ) -> None:
-    job_json = task.job.model_dump_json()
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "kind": task.kind,
-            "step": step,
-            "state_dict": model.state_dict(),
-            "encoder_prefix": task.encoder_prefix,
-            "job": job_json,
-        },
-        directory / "model.pt",
+    write_model_file(
+        directory,
+        kind=task.kind,
+        step=step,
+        state_dict=model.state_dict(),
+        encoder_prefix=task.encoder_prefix,
+        job_json=task.job.model_dump_json(),
     )
     torch.save(
         {
@@ -254,40 +234,6 @@ def save_checkpoint(
         },
         directory / "train_state.pt",
     )
-    (directory / "job.json").write_text(job_json)
-
-
-def load_model_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``model.pt`` of a checkpoint (a checkpoint directory, a run directory or the file).
-
-    A checkpoint directory on a bucket (``s3://…/checkpoint_…``, ``gs://…``) is downloaded first.
-    """
-    if is_remote(str(path)):
-        from ray.train import Checkpoint
-
-        path = Checkpoint(str(path)).to_directory()
-    path = Path(path)
-    if path.is_dir() and not (path / "model.pt").exists():
-        path = latest_checkpoint(path)
-    file = path / "model.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise NeurorayError(f"no neuroray checkpoint at {path} (expected model.pt inside)")
-    try:
-        checkpoint = _load_tensors(file)
-    except Exception as err:
-        raise NeurorayError(f"{file} is not a readable neuroray checkpoint: {err}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise NeurorayError(f"{file} is not a neuroray checkpoint ({CHECKPOINT_FORMAT})")
-    return checkpoint
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The newest ``checkpoint_*`` directory of a run (Ray Train names them by time)."""
-    run_dir = Path(run_dir)
-    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "model.pt").exists())
-    if not found:
-        raise NeurorayError(f"run {run_dir} has no finished checkpoint yet")
-    return found[-1]
 
 
 # ---------------------------------------------------------------------- the worker loop
@@ -343,8 +289,8 @@ def run_worker(task: TrainTask) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            weights = _load_tensors(Path(directory) / "model.pt")
-            state = _load_tensors(Path(directory) / "train_state.pt")
+            weights = load_tensors(Path(directory) / "model.pt")
+            state = load_tensors(Path(directory) / "train_state.pt")
         raw_model.load_state_dict(weights["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
