@@ -16,21 +16,17 @@ from neuroray.errors import ConfigError
 from neuroray.platform.ingest import ingest
 from neuroray.trainers.finetune import FinetuneJob
 from neuroray.trainers.loop import load_model_checkpoint
-from neuroray.tuning.sweeps import (
+from neuroray.tuning.report import TrialSummary, pick_best
+from neuroray.tuning.resources import concurrent_trials, trial_resources
+from neuroray.tuning.space import (
     DOMAINS,
-    SweepConfig,
-    TrialSummary,
     apply_params,
     build_param_space,
-    concurrent_trials,
     example_values,
     job_overrides,
-    pick_best,
-    prepare_sweep,
     scale_augmentation,
-    trial_resources,
-    tune_sweep,
 )
+from neuroray.tuning.sweeps import SweepConfig, prepare_sweep, tune_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = {

@@ -12,10 +12,10 @@ overrides) and a search space of the job's dotted keys::
 **Train V2 pattern** (RAY_NOTES.md). Each trial is a *driver function* that builds its job and
 runs the ordinary fine-tuning ``TorchTrainer`` (:func:`neuroray.trainers.loop.fit`) with a
 ``TuneReportCallback``. Train V2 reserves its workers in placement groups Tune does not see, so the
-driver holds no CPU (:data:`DRIVER_RESOURCES`) and ``max_concurrent_trials`` is
+driver holds no CPU (:data:`~neuroray.tuning.resources.DRIVER_RESOURCES`) and ``max_concurrent_trials`` is
 sized from ``ray.cluster_resources()`` and what one trial's workers need; otherwise trials starve
 each other of workers and deadlock. The Tune controller itself runs in a zero-CPU task on the
-driver's node that names the cluster in ``RAY_ADDRESS`` (see :func:`_tuner_task_options`).
+driver's node that names the cluster in ``RAY_ADDRESS`` (see :func:`~neuroray.tuning.resources.tuner_task_options`).
 
 **Early stopping.** ASHA on a validation metric (``val_voi``, min, for EM; ``val_dice``, max, for
 mitochondria and LM) with ``step`` as its clock. The loop validates at checkpoints only, so Tune is
@@ -50,26 +50,34 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from neuroray.config import RayConfig, StrictModel, apply_overrides, dump_yaml, load_config
+from neuroray.config import RayConfig, StrictModel, dump_yaml, load_config
 from neuroray.config import validate as validate_config
-from neuroray.errors import ConfigError, NeurorayError
+from neuroray.errors import ConfigError
 from neuroray.paths import InputPath, OutputPath, RunName
-from neuroray.platform.augment import build_pipeline
-from neuroray.registry import Registry
 from neuroray.segmentation.tasks import get_task
 from neuroray.trainers.finetune import FinetuneJob
 from neuroray.trainers.loop import absolute_storage, is_remote, read_starts
-
-AUGMENT_STRENGTH = "augment_strength"
-"""A search-space key that is not a job key: it scales the probability ``p`` of every transform
-in ``data.augment`` (capped at 1); 0 turns augmentation off."""
+from neuroray.tuning.report import SweepError, SweepResult, TrialSummary, pick_best
+from neuroray.tuning.resources import (
+    DRIVER_RESOURCES,
+    concurrent_trials,
+    trial_resources,
+    tuner_task_options,
+)
+from neuroray.tuning.space import (
+    apply_params,
+    build_param_space,
+    domain_entry,
+    example_values,
+    job_overrides,
+)
 
 POOL_KEYS = (
     "data.image",
@@ -81,135 +89,6 @@ POOL_KEYS = (
     "data.preload",
 )
 """Job keys that change what the chunk servers serve: sweeping one gives each trial its own pool."""
-
-
-DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
-"""What a trial's driver function reserves: no CPU (Train V2 reserves its workers' CPUs in its own
-placement groups; a driver holding one would starve them), but not nothing either: Tune rejects
-an all-zero request, so the driver books the memory its Python process roughly uses."""
-
-
-class SweepError(NeurorayError):
-    """A sweep cannot start or finish (its experiment folder clashes, no trial produced a metric)."""
-
-
-# ---------------------------------------------------------------------- search space
-@dataclass(frozen=True)
-class DomainKind:
-    """How one ``{kind: args}`` entry of a search space becomes a Tune domain.
-
-    ``examples`` lists values checked against the job before any trial starts, so a wrong key
-    or type fails at once and names the key.
-    """
-
-    build: Callable[[list[Any]], Any]
-    examples: Callable[[list[Any]], list[Any]]
-    arity: int | None = None  # fixed number of arguments, None = a non-empty list of values
-
-
-DOMAINS: Registry[DomainKind] = Registry("search domain")
-
-
-def _tune():
-    from ray import tune
-
-    return tune
-
-
-def _register(name: str, kind: DomainKind) -> None:
-    DOMAINS.register(name)(kind)
-
-
-_register("uniform", DomainKind(lambda a: _tune().uniform(*a), lambda a: list(a), 2))
-_register("loguniform", DomainKind(lambda a: _tune().loguniform(*a), lambda a: list(a), 2))
-_register("quniform", DomainKind(lambda a: _tune().quniform(*a), lambda a: a[:2], 3))
-_register("qloguniform", DomainKind(lambda a: _tune().qloguniform(*a), lambda a: a[:2], 3))
-_register("randint", DomainKind(lambda a: _tune().randint(*a), lambda a: [a[0], a[1] - 1], 2))
-_register("lograndint", DomainKind(lambda a: _tune().lograndint(*a), lambda a: [a[0], a[1] - 1], 2))
-_register("choice", DomainKind(lambda a: _tune().choice(list(a)), lambda a: list(a)))
-_register("grid", DomainKind(lambda a: _tune().grid_search(list(a)), lambda a: list(a)))
-
-
-def _domain_entry(key: str, spec: Any) -> tuple[str, list[Any]] | None:
-    """``(kind, args)`` when ``spec`` is a one-key ``{kind: args}`` mapping naming a domain."""
-    if not (isinstance(spec, Mapping) and len(spec) == 1):
-        return None
-    kind, args = next(iter(spec.items()))
-    if kind not in DOMAINS:
-        return None
-    domain = DOMAINS.get(kind)
-    if not isinstance(args, list) or not args:
-        raise ConfigError(f"search_space.{key}: {kind} needs a list of arguments, got {args!r}")
-    if domain.arity is not None and len(args) != domain.arity:
-        raise ConfigError(
-            f"search_space.{key}: {kind} takes {domain.arity} arguments, got {len(args)} ({args})"
-        )
-    if domain.arity is not None and not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in args
-    ):
-        raise ConfigError(f"search_space.{key}: {kind} arguments must be numbers, got {args}")
-    if kind in ("uniform", "loguniform", "quniform", "qloguniform", "randint", "lograndint"):
-        low, high = args[0], args[1]
-        if not low < high or (kind.startswith(("log", "qlog")) and low <= 0):
-            raise ConfigError(
-                f"search_space.{key}: {kind} bounds {args[:2]} must satisfy 0 < low < high "
-                "for log domains and low < high otherwise"
-            )
-    return kind, args
-
-
-def build_param_space(search_space: Mapping[str, Any]) -> dict[str, Any]:
-    """The Tune ``param_space`` of a YAML search space (fixed values pass through)."""
-    space = {}
-    for key, spec in search_space.items():
-        entry = _domain_entry(key, spec)
-        space[key] = spec if entry is None else DOMAINS.get(entry[0]).build(entry[1])
-    return space
-
-
-def example_values(search_space: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """For each key, the values checked against the job before the sweep starts."""
-    examples = {}
-    for key, spec in search_space.items():
-        entry = _domain_entry(key, spec)
-        examples[key] = [spec] if entry is None else DOMAINS.get(entry[0]).examples(entry[1])
-    return examples
-
-
-def scale_augmentation(augment: str | list[dict[str, Any]], strength: float) -> list[dict]:
-    """``augment`` (a named list or specs) with every probability ``p`` scaled, capped at 1."""
-    if strength < 0:
-        raise ConfigError(f"{AUGMENT_STRENGTH} must be >= 0, got {strength}")
-    if strength == 0 or not augment:
-        return []
-    specs = build_pipeline(augment).specs()
-    for spec in specs:
-        spec["p"] = min(1.0, float(spec.get("p", 1.0)) * strength)
-    return specs
-
-
-def job_overrides(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``key.sub=value`` strings from a nested and/or dotted mapping of job keys."""
-    lines = []
-    for key, value in overrides.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            lines += job_overrides(value, f"{path}.")
-        else:
-            lines.append(f"{path}={json.dumps(value)}")
-    return lines
-
-
-def apply_params(job_data: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    """Job data (plain YAML data) with one trial's sampled parameters set."""
-    overrides = [f"{k}={json.dumps(v)}" for k, v in params.items() if k != AUGMENT_STRENGTH]
-    data = apply_overrides(job_data, overrides)
-    if AUGMENT_STRENGTH in params:
-        data.setdefault("data", {})
-        data["data"]["augment"] = scale_augmentation(
-            data["data"].get("augment", []), float(params[AUGMENT_STRENGTH])
-        )
-    return data
 
 
 # ---------------------------------------------------------------------- the sweep config
@@ -327,7 +206,7 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
             "search: optuna needs the optuna package (pip install optuna); or use search: random"
         )
     if config.search == "optuna" and any(
-        (_domain_entry(k, v) or ("",))[0] == "grid" for k, v in config.search_space.items()
+        (domain_entry(k, v) or ("",))[0] == "grid" for k, v in config.search_space.items()
     ):
         raise ConfigError("search: optuna cannot sample grid domains; use choice instead")
     config = config.model_copy(update={"search_space": _absolute_paths_in(config, data)})
@@ -356,7 +235,7 @@ def _absolute_paths_in(config: SweepConfig, data: dict[str, Any]) -> dict[str, A
 
     space: dict[str, Any] = {}
     for key, spec in config.search_space.items():
-        entry = _domain_entry(key, spec)
+        entry = domain_entry(key, spec)
         if entry is None:
             space[key] = resolved(key, spec)
         elif entry[0] in ("choice", "grid"):
@@ -387,27 +266,6 @@ def trial_job(
     else:
         data["run"].update(name=f"{sweep.config.name}-best", fail_at_step=None)
     return validate_config(FinetuneJob, data, f"trial {trial_id}")
-
-
-def trial_resources(job: FinetuneJob, *, own_pool: bool) -> dict[str, float]:
-    """CPUs and GPUs one trial's Train workers (and its own chunk servers) hold."""
-    run = job.run
-    cpus = run.num_workers * run.cpus_per_worker
-    if own_pool:
-        cpus += job.data.num_servers * job.data.server_cpus
-    return {"CPU": cpus, "GPU": float(run.num_workers if run.use_gpu else 0)}
-
-
-def concurrent_trials(
-    cluster: Mapping[str, float], per_trial: Mapping[str, float], reserved: Mapping[str, float]
-) -> int:
-    """How many trials fit in ``cluster`` after ``reserved`` (at least 1)."""
-    fits = [
-        math.floor((cluster.get(name, 0.0) - reserved.get(name, 0.0)) / need + 1e-9)
-        for name, need in per_trial.items()
-        if need > 0
-    ]
-    return max(1, min(fits)) if fits else 1
 
 
 # ---------------------------------------------------------------------- Tune plumbing
@@ -496,53 +354,6 @@ def _scheduler(sweep: PreparedSweep):
     )
 
 
-# ---------------------------------------------------------------------- results
-@dataclass
-class TrialSummary:
-    trial_id: str
-    params: dict[str, Any]
-    status: str
-    last_step: int | None
-    value: float | None
-    """The sweep metric at the trial's last validation."""
-    stopped_early: bool
-    error: str | None = None
-    starts: list[int] = field(default_factory=list)
-    """The step each start of its Train run began at ([0, s] = one recovery from step s)."""
-
-
-@dataclass
-class SweepResult:
-    name: str
-    experiment_path: str
-    metric: str
-    mode: str
-    trials: list[TrialSummary]
-    best: TrialSummary
-    best_config: Path
-    max_concurrent_trials: int
-
-    def summary(self) -> str:
-        lines = [
-            f"sweep {self.name}: {len(self.trials)} trials, metric {self.metric} ({self.mode}), "
-            f"up to {self.max_concurrent_trials} at once; experiment at {self.experiment_path}"
-        ]
-        for trial in self.trials:
-            value = "-" if trial.value is None else f"{trial.value:.4f}"
-            note = " stopped early" if trial.stopped_early else ""
-            note += f" resumed at {trial.starts[1:]}" if len(trial.starts) > 1 else ""
-            note += f" ERROR {trial.error}" if trial.error else ""
-            lines.append(
-                f"  {trial.trial_id}: {trial.status} step {trial.last_step} "
-                f"{self.metric} {value}{note}  {json.dumps(trial.params)}"
-            )
-        lines.append(
-            f"best: {self.best.trial_id} ({self.metric} {self.best.value:.4f}); ready-to-run "
-            f"job: {self.best_config}"
-        )
-        return "\n".join(lines)
-
-
 def _summarise(sweep: PreparedSweep, results) -> list[TrialSummary]:  # noqa: ANN001 - ResultGrid
     trials = []
     steps = sweep.job.run.steps
@@ -577,39 +388,7 @@ def _summarise(sweep: PreparedSweep, results) -> list[TrialSummary]:  # noqa: AN
     return sorted(trials, key=lambda t: t.trial_id)
 
 
-def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary:
-    """ASHA's answer: among trials that got furthest, the best metric at their last validation."""
-    scored = [t for t in trials if t.value is not None and t.last_step is not None]
-    if not scored:
-        raise SweepError("no trial reported its validation metric; see the trials' errors")
-    furthest = max(t.last_step for t in scored)
-    finalists = [t for t in scored if t.last_step == furthest]
-    sign = 1.0 if mode == "min" else -1.0
-    return min(finalists, key=lambda t: sign * t.value)
-
-
 # ---------------------------------------------------------------------- the driver
-def _tuner_task_options() -> dict[str, Any]:
-    """Where the Tune controller runs: a zero-CPU task on this node whose processes (and so the
-    trials, their Train controllers and Train's placement-group cleaners) carry RAY_ADDRESS.
-
-    Train V2's cleaner finds the cluster by auto-detection; on a machine running more than one
-    Ray (a shared workstation, CI) that fails, the placement group of a trial ASHA stopped is
-    never released and later trials wait for CPUs forever. Naming the cluster fixes it.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    context = ray.get_runtime_context()
-    return {
-        "num_cpus": 0,
-        "max_retries": 0,
-        "runtime_env": {"env_vars": {"RAY_ADDRESS": context.gcs_address}},
-        # local storage paths and the driver's view of the files stay valid
-        "scheduling_strategy": NodeAffinitySchedulingStrategy(context.get_node_id(), soft=False),
-    }
-
-
 def _run_tuner(
     sweep: PreparedSweep, pool: Any, restoring: bool, max_concurrent: int
 ) -> list[TrialSummary]:
@@ -680,7 +459,7 @@ def tune_sweep(config: SweepConfig) -> SweepResult:
 
     pool = start_pool(sweep.job.data) if sweep.shares_pool else None
     try:
-        tuner_task = ray.remote(_run_tuner).options(**_tuner_task_options())
+        tuner_task = ray.remote(_run_tuner).options(**tuner_task_options())
         running = tuner_task.remote(sweep, pool, restoring, max_concurrent)
         try:
             trials = ray.get(running)
