@@ -107,7 +107,7 @@ def pretrain_dbmim(urls, out, steps, seed) -> tuple[str, dict]:
 
 def pretrain_mscon(urls, out, steps, seed) -> tuple[str, dict]:
     from neuroray.config import validate
-    from neuroray.trainers.mscon import MSConJob, run_job
+    from neuroray.trainers.mscon import MSConJob, run_mscon
 
     settings = _pretrain_settings(urls, out, "mscon", steps, seed)
     settings["data"]["augment"] = []
@@ -118,7 +118,7 @@ def pretrain_mscon(urls, out, steps, seed) -> tuple[str, dict]:
         "pool_grid": [8, 8, 8],
     }
     settings["run"]["batch_size"] = 4
-    result = run_job(validate(MSConJob, settings))
+    result = run_mscon(validate(MSConJob, settings))
     return result.checkpoint.path, result.metrics
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroray.config import validate
-from neuroray.trainers.mscon import MSConJob, run_job
+from neuroray.trainers.mscon import MSConJob, run_mscon
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_IMAGE = f"{DATA}/em/fib_medulla_s1_raw.h5#raw"
@@ -112,7 +112,7 @@ def mscon_job(
 def mscon_end_to_end_samples_per_second(job: MSConJob | None = None, **job_args: Any) -> float:
     """Run an MS-Con job (default: :func:`mscon_job` with ``job_args``) and return samples/s."""
     job = job or mscon_job(**job_args)
-    return second_half_samples_per_second(run_job(job))
+    return second_half_samples_per_second(run_mscon(job))
 
 
 # ---------------------------------------------------------------------- model-step rows

@@ -13,8 +13,13 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from neuroray.errors import NeurorayError
+
+if TYPE_CHECKING:
+    from neuroray.registry import Registry
+    from neuroray.trainers.methods import PretrainMethod
 
 EXIT_USAGE = 2
 
@@ -164,21 +169,20 @@ def _report_training(result) -> None:
     )
 
 
-# Each job module defines JOB_CLASS (its pydantic config) and run_job(job) -> Ray Result.
-# A method is listed only when its module exists, so --help shows only commands that work.
-PRETRAIN_METHODS = {
-    "mae": ("neuroray.trainers.pretrain", "MAE-3D with random / tube / block masking"),
-    "dbmim": ("neuroray.agents.dbmim", "dbMiM: RLlib multi-agent masking policy + MAE"),
-    "mscon": ("neuroray.trainers.mscon", "MS-Con: Siamese multiscale consistency"),
-}
+def pretrain_methods() -> Registry[PretrainMethod]:
+    """Every registered pretraining method (cheap: each loads its module on first use)."""
+    import neuroray.agents  # noqa: F401 - registers dbmim (the RL side is its home)
+    from neuroray.trainers.methods import PRETRAIN_METHODS
+
+    return PRETRAIN_METHODS
 
 
-def _available(methods: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
-    import importlib.util
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    method = pretrain_methods().get(args.method)
+    _report_training(method.run(_load_job(method.job_class, args)))
 
-    return {k: v for k, v in methods.items() if importlib.util.find_spec(v[0]) is not None}
 
-
+# A job module for cmd_job defines JOB_CLASS (its pydantic config) and run_job(job) -> Result.
 def cmd_job(args: argparse.Namespace) -> None:
     import importlib
 
@@ -287,10 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
     methods = pretrain.add_subparsers(dest="method", metavar="METHOD", required=True)
-    for name, (module, help_text) in _available(PRETRAIN_METHODS).items():
-        method = methods.add_parser(name, help=help_text)
+    registered = pretrain_methods()
+    for name in registered:
+        method = methods.add_parser(name, help=registered.get(name).help)
         _add_job_arguments(method)
-        method.set_defaults(func=cmd_job, job_module=module)
+        method.set_defaults(func=cmd_pretrain)
 
     finetune = commands.add_parser("finetune", help="fine-tune a UNETR for segmentation")
     tasks = finetune.add_subparsers(dest="task", metavar="TASK", required=True)

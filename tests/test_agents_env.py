@@ -15,20 +15,19 @@ from neuroray.agents.env import (
     RewardConfig,
     masking_rewards,
 )
-from neuroray.agents.module import PatchPolicyNet, PolicyConfig, build_policy_net
-from neuroray.agents.oracle import (
-    MIMOracle,
+from neuroray.agents.oracle import MIMOracle, OracleError, OracleSettings, start_oracle
+from neuroray.models.mae import MAEConfig, build_mae3d
+from neuroray.models.policy import (
     ObsLayout,
-    OracleError,
-    OracleSettings,
+    PatchPolicyNet,
+    PolicyConfig,
+    build_policy_net,
     patch_stats,
-    start_oracle,
     token_positions,
 )
-from neuroray.agents.weights import WeightStore, start_weight_store, state_dict_to_numpy
-from neuroray.models.mae import MAEConfig, build_mae3d
 from neuroray.models.vit3d import ViTConfig, patchify
 from neuroray.platform.volume import open_volume
+from neuroray.trainers.weights import WeightStore, start_weight_store, state_dict_to_numpy
 
 CROP, PATCH = (8, 64, 64), (4, 16, 16)
 GRID = (2, 4, 4)

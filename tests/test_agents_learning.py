@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from neuroray.agents.dbmim import PPOSettings, RLSettings, build_ppo_config
+from neuroray.agents.config import PPOSettings, RLSettings
 from neuroray.agents.env import EnvSettings, RewardConfig
-from neuroray.agents.module import PolicyConfig
 from neuroray.agents.oracle import MIMOracle, team_losses
+from neuroray.agents.ppo import build_ppo_config
 from neuroray.models.mae import MAEConfig
+from neuroray.models.policy import PolicyConfig
 from neuroray.models.vit3d import ViTConfig, patchify
 
 CROP, PATCH = (8, 64, 64), (4, 16, 16)

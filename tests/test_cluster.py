@@ -115,6 +115,8 @@ def _config_model(args):
 
     from neuroray import cli
 
+    if args.func is cli.cmd_pretrain:
+        return cli.pretrain_methods().get(args.method).job_class
     if getattr(args, "job_module", None):
         return importlib.import_module(args.job_module).JOB_CLASS
     if args.func is cli.cmd_tune:

@@ -10,23 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from neuroray.agents.dbmim import (
-    MIM_CHANNEL,
-    POLICY_CHANNEL,
-    DbMiMJob,
-    DbMiMTask,
-    load_policy,
-    policy_payload,
-    run_dbmim,
-)
+from neuroray.agents.dbmim import DbMiMJob, DbMiMTask, run_dbmim
 from neuroray.agents.env import ArrayCrops
-from neuroray.agents.module import PolicyConfig, build_policy_net
-from neuroray.agents.weights import start_weight_store
+from neuroray.agents.policy_io import load_policy
 from neuroray.config import load_config, validate
 from neuroray.errors import ConfigError
 from neuroray.masking import PolicyMasker, RandomMasker
+from neuroray.models.policy import PolicyConfig, build_policy_net
 from neuroray.platform.volume import open_volume
 from neuroray.trainers.loop import WorkerInfo, load_model_checkpoint, read_starts
+from neuroray.trainers.weights import (
+    MIM_CHANNEL,
+    POLICY_CHANNEL,
+    policy_payload,
+    start_weight_store,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CROP, PATCH, WIDTH, N = (8, 64, 64), (4, 16, 16), 32, 32
@@ -99,9 +97,9 @@ def test_example_config_loads_and_the_random_override_is_the_control():
 
 
 def test_the_cli_lists_dbmim():
-    from neuroray.cli import PRETRAIN_METHODS, _available
+    from neuroray.cli import pretrain_methods
 
-    assert "dbmim" in _available(PRETRAIN_METHODS)
+    assert "dbmim" in pretrain_methods()
 
 
 def test_impossible_rl_settings_fail_before_any_work():

@@ -11,7 +11,7 @@ from neuroray.config import validate
 from neuroray.models.mscon import ENCODER_PREFIX
 from neuroray.models.unetr import UNETRConfig, build_unetr, load_encoder
 from neuroray.trainers.loop import load_model_checkpoint, read_starts
-from neuroray.trainers.mscon import MSConJob, run_job
+from neuroray.trainers.mscon import MSConJob, run_mscon
 
 CROP = [16, 64, 64]
 
@@ -51,7 +51,7 @@ def test_mscon_pretraining_on_real_em_learns_resumes_and_initialises_a_unetr(
             },
         },
     )
-    result = run_job(job)
+    result = run_mscon(job)
 
     # one injected failure at step 12: the run restarted from its step-8 checkpoint and finished
     assert read_starts(job.run) == [0, 8]

@@ -257,7 +257,8 @@ class _Planted:
 def test_rl_checkpoints_with_pickled_state_are_refused_unread(tmp_path):
     import pickle
 
-    from neuroray.agents.dbmim import DbMiMError, check_rl_checkpoint_unpickled
+    from neuroray.agents.policy_io import check_rl_checkpoint_unpickled
+    from neuroray.trainers.dbmim import DbMiMError
 
     checkpoint = tmp_path / "rl" / "checkpoint_000004"
     learner = checkpoint / "learner_group" / "learner"
@@ -292,7 +293,7 @@ def test_msgpack_checkpoints_leave_rays_serialisation_alone(ray_session):
         def send_after_patch(self, guarded: bool) -> str:
             from ray.rllib.utils.checkpoints import try_import_msgpack
 
-            from neuroray.agents.dbmim import msgpack_checkpoint_io
+            from neuroray.agents.policy_io import msgpack_checkpoint_io
 
             if guarded:
                 with msgpack_checkpoint_io():

@@ -3,77 +3,36 @@
 dbMiM's agents (one per patch) need two things from the masked-image model that Ray Train is
 training: what each patch looks like to the current encoder (their observation) and how hard
 each patch was to reconstruct under the joint mask they chose (their reward). :class:`MIMOracle`
-holds a copy of the MAE, refreshes it from the :class:`~neuroray.agents.weights.WeightStore`
+holds a copy of the MAE, refreshes it from the :class:`~neuroray.trainers.weights.WeightStore`
 whenever the trainer publishes, and answers for whole batches of crops at once: RLlib spends
 25-50 ms per crop on its own bookkeeping, so a model forward per agent, or even per crop, would
 dominate. Run it as a Ray actor with :func:`start_oracle` (CPU, or a GPU fraction).
 
-**Observation of one patch** (float32, ``obs_dim = 2 * D + 6`` where D is the encoder width)::
-
-    [ 0      : D    ]  feature   the patch's embedding by the current encoder (detached):
-                                 the patch-embedding projection ("patch_embed", the paper's
-                                 choice) or the full encoder's output token ("encoder")
-    [ D      : 2D   ]  context   the mean feature over all patches of the crop (global context)
-    [ 2D     : 2D+3 ]  position  patch centre (z, y, x), normalised to (0, 1) over the token grid
-    [ 2D+3   : 2D+6 ]  stats     mean intensity, log(std + 1e-3), log(gradient energy + 1e-6),
-                                 where gradient energy is the mean over the patch's voxels of the
-                                 squared forward differences along z, y and x (intensities in [0, 1])
-
-The same function (:func:`patch_observations`) builds the trainer's observations when it samples
-masks from the policy, so the policy sees the same kind of input on both sides.
+The agents' observations (layout, features, patch statistics) are built by
+:func:`neuroray.models.policy.patch_observations`, the same function the Ray Train task uses when
+it samples masks from the policy, so the policy sees the same kind of input on both sides.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
 from neuroray.config import StrictModel
 from neuroray.errors import NeurorayError
-from neuroray.models.mae import MAE3D, MAEConfig, build_mae3d
-
-FeatureSource = Literal["patch_embed", "encoder"]
-NUM_POSITION, NUM_STATS = 3, 3
-STATS = ("mean", "log_std", "log_grad_energy")
+from neuroray.models.mae import MAEConfig, build_mae3d
+from neuroray.models.policy import FeatureSource, ObsLayout, patch_observations
+from neuroray.trainers.weights import MIM_CHANNEL, numpy_to_state_dict
 
 
 class OracleError(NeurorayError):
     """Crops or masks handed to the oracle do not fit its model (shape, dtype, grid)."""
-
-
-@dataclass(frozen=True)
-class ObsLayout:
-    """Where each part of a patch observation sits (see the module docstring)."""
-
-    feature_dim: int
-
-    @property
-    def size(self) -> int:
-        return 2 * self.feature_dim + NUM_POSITION + NUM_STATS
-
-    @property
-    def feature(self) -> slice:
-        return slice(0, self.feature_dim)
-
-    @property
-    def context(self) -> slice:
-        return slice(self.feature_dim, 2 * self.feature_dim)
-
-    @property
-    def position(self) -> slice:
-        return slice(2 * self.feature_dim, 2 * self.feature_dim + NUM_POSITION)
-
-    @property
-    def stats(self) -> slice:
-        return slice(2 * self.feature_dim + NUM_POSITION, self.size)
 
 
 class OracleSettings(StrictModel):
@@ -101,62 +60,6 @@ def as_images(crops: np.ndarray | Tensor, device: torch.device | str = "cpu") ->
     if not images.is_floating_point():
         raise OracleError(f"crops must be float in [0, 1], got {images.dtype}")
     return images.to(device=device, dtype=torch.float32)
-
-
-def token_positions(grid: Sequence[int]) -> Tensor:
-    """Patch centres (z, y, x) normalised to (0, 1): [N, 3], z-major like the tokens."""
-    axes = [(torch.arange(n, dtype=torch.float32) + 0.5) / n for n in grid]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-
-
-def patch_stats(images: Tensor, patch_size: Sequence[int]) -> Tensor:
-    """Per-patch [mean, log(std + 1e-3), log(gradient energy + 1e-6)]: [B, N, 3] float32.
-
-    Computed by average pooling with kernel = stride = patch (z-major, like the tokens); the
-    variance as E[x^2] - E[x]^2 in float64, so flat patches keep std ~0.
-    """
-    images = images.float()
-    patch = tuple(int(p) for p in patch_size)
-    wide = images.double()
-    mean = F.avg_pool3d(wide, patch, patch)
-    var = (F.avg_pool3d(wide * wide, patch, patch) - mean * mean).clamp(min=0)
-    energy = torch.zeros_like(images)  # squared forward differences, 0 at each far edge
-    energy[:, :, :-1] += images.diff(dim=2).square_()
-    energy[:, :, :, :-1] += images.diff(dim=3).square_()
-    energy[..., :-1] += images.diff(dim=4).square_()
-    grad = F.avg_pool3d(energy, patch, patch).double()
-    stats = torch.cat([mean, (var.sqrt() + 1e-3).log(), (grad + 1e-6).log()], 1)
-    return stats.flatten(2).transpose(1, 2).float()
-
-
-@torch.no_grad()
-def patch_features(model: MAE3D, images: Tensor, source: FeatureSource = "patch_embed") -> Tensor:
-    """Each patch's feature under the current encoder, detached: [B, N, D] float32."""
-    encoder = model.encoder
-    if source == "patch_embed":
-        features = encoder.patch_embed(images.to(encoder.patch_embed.proj.weight.dtype))
-    elif source == "encoder":  # eval mode: no drop-path noise in the agents' view
-        was_training = encoder.training
-        encoder.eval()
-        features = encoder.forward_features(images).tokens
-        encoder.train(was_training)
-    else:
-        raise OracleError(f"feature_source must be 'patch_embed' or 'encoder', got {source!r}")
-    return features.float()
-
-
-@torch.no_grad()
-def patch_observations(
-    model: MAE3D, images: Tensor, source: FeatureSource = "patch_embed"
-) -> Tensor:
-    """Observations of every patch of every crop: [B, N, 2D + 6] (layout: module docstring)."""
-    grid = model.encoder.grid_of(images)
-    features = patch_features(model, images, source)
-    b, n, _ = features.shape
-    context = features.mean(1, keepdim=True).expand(-1, n, -1)
-    position = token_positions(grid).to(features.device).expand(b, -1, -1)
-    stats = patch_stats(images, model.encoder.patch_size).to(features.device)
-    return torch.cat([features, context, position, stats], -1)
 
 
 def team_losses(per_patch: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -207,8 +110,6 @@ class MIMOracle:
 
     # -- weights ------------------------------------------------------------------------------
     def set_weights(self, state_dict: dict[str, Any], version: int) -> None:
-        from neuroray.agents.weights import numpy_to_state_dict
-
         tensors = {
             k: v if isinstance(v, Tensor) else numpy_to_state_dict({k: v})[k]
             for k, v in state_dict.items()
@@ -223,7 +124,7 @@ class MIMOracle:
             return self.version
         import ray
 
-        found = ray.get(self.store.get.remote("mim", newer_than=self.version))
+        found = ray.get(self.store.get.remote(MIM_CHANNEL, newer_than=self.version))
         if found is not None:
             version, payload = found
             self.set_weights(payload["state_dict"], version)

@@ -128,9 +128,6 @@ def mscon_preview(model: MSCon, batch: dict[str, Any]) -> np.ndarray:
     return grid([to_grey(v[0, 0, z].float().cpu().numpy()) for v in views + recons])
 
 
-JOB_CLASS = MSConJob
-
-
-def run_job(job: MSConJob) -> Any:
-    """The CLI's entry point (``neuroray pretrain mscon``): pool, fit, shutdown; Ray's Result."""
+def run_mscon(job: MSConJob) -> Any:
+    """Run an MS-Con job (``neuroray pretrain mscon``): pool, fit, shutdown; Ray's Result."""
     return pretrain(job, task_class=MSConTask)

@@ -115,13 +115,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def pretrain(job: PretrainJob, task_class: type[TrainTask] = MAETask) -> Any:
-    """Start chunk servers for ``job.data`` and run the pretraining; returns Ray's Result."""
+    """Start chunk servers for ``job.data`` and run the pretraining; returns Ray's Result.
+
+    ``neuroray pretrain mae`` runs this with the default task (see :mod:`neuroray.trainers.methods`).
+    """
     return run_with_pool(task_class, job)
 
-
-JOB_CLASS = PretrainJob
-
-
-def run_job(job: PretrainJob) -> Any:
-    """The CLI's entry point (``neuroray pretrain mae``)."""
-    return pretrain(job)

@@ -1,9 +1,14 @@
-"""WeightStore: the one place dbMiM's two sides swap weights.
+"""WeightStore: the one place dbMiM's two sides swap weights, and the payloads that cross it.
+
+It sits at the trainers layer because both sides use it: the Ray Train task
+(:mod:`neuroray.trainers.dbmim`) and the RL side (:mod:`neuroray.agents`), which may import
+trainers but not the other way round.
 
 The MIM trainer (Ray Train rank 0) publishes its MAE weights on the ``"mim"`` channel every K
 steps; the MIM oracle picks them up before it scores crops. The RL side publishes its policy on
-the ``"policy"`` channel after every PPO iteration; every trainer worker polls it without
-blocking and samples masks from the newest policy it has.
+the ``"policy"`` channel (:func:`policy_payload`) after every PPO iteration; every trainer worker
+polls it without blocking and samples masks from the newest policy it has
+(:func:`policy_from_payload`).
 
 Payloads are plain dicts of numpy arrays and JSON-able metadata (``state_dict_to_numpy``), so they
 cross process boundaries through Ray's object store without torch pickling, and large arrays come
@@ -18,8 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from neuroray.models.policy import PolicyConfig, build_policy_net
 
 Payload = dict[str, Any]
+MIM_CHANNEL, POLICY_CHANNEL = "mim", "policy"
 
 
 class WeightStore:
@@ -73,3 +82,19 @@ def state_dict_to_numpy(state_dict: dict[str, torch.Tensor]) -> dict[str, np.nda
 def numpy_to_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`state_dict_to_numpy` (copies: Ray returns read-only arrays)."""
     return {key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}
+
+
+def policy_payload(net: nn.Module, feature_dim: int, config: PolicyConfig, iteration: int) -> dict:
+    """What the RL side publishes: weights and what is needed to rebuild the net."""
+    return {
+        "state_dict": state_dict_to_numpy(net.state_dict()),
+        "feature_dim": int(feature_dim),
+        "policy": config.model_dump(),
+        "iteration": int(iteration),
+    }
+
+
+def policy_from_payload(payload: dict) -> nn.Module:
+    net = build_policy_net(payload["feature_dim"], payload["policy"])
+    net.load_state_dict(numpy_to_state_dict(payload["state_dict"]))
+    return net.eval()

@@ -1,0 +1,92 @@
+"""The dbMiM job: an MAE pretraining job plus the RL side's settings (env, policy, PPO, oracle,
+resources, exchange cadence)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from neuroray.agents.env import EnvSettings
+from neuroray.agents.oracle import OracleSettings
+from neuroray.config import StrictModel
+from neuroray.masking import MaskerSpec, PolicyMasker
+from neuroray.models.policy import PolicyConfig
+from neuroray.trainers.pretrain import PretrainJob
+
+
+class PPOSettings(StrictModel):
+    """PPO on the new API stack; batch sizes count agent steps (= patch decisions)."""
+
+    lr: float = Field(3e-4, gt=0)
+    train_batch_agent_steps: int = Field(4096, ge=1)
+    minibatch_size: int = Field(1024, ge=1)
+    num_epochs: int = Field(4, ge=1)
+    entropy_coeff: float = Field(0.01, ge=0)
+    clip_param: float = Field(0.2, gt=0)
+    vf_loss_coeff: float = Field(0.5, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class RLSettings(StrictModel):
+    """The RL side of dbMiM: env, policy, PPO, oracle, resources and exchange cadence."""
+
+    env: EnvSettings = EnvSettings()
+    policy: PolicyConfig = PolicyConfig()
+    ppo: PPOSettings = PPOSettings()
+    oracle: OracleSettings = OracleSettings()
+    cpus: float = Field(1.0, gt=0)
+    """CPUs reserved for the RL actor (RLlib sampling and learning run in it)."""
+    pin_cpus: list[int] | None = None
+    """Pin the RL actor and the oracle to these cores (Linux), e.g. to keep them off the
+    trainer's core on one machine; None leaves placement to the OS."""
+    publish_mim_every: int = Field(10, ge=1)
+    """Trainer steps between MIM weight publications (the oracle picks them up)."""
+    checkpoint_every: int = Field(10, ge=1)
+    """RL iterations between RL checkpoints (one is also written when the run ends)."""
+    preview_every: int = Field(10, ge=1)
+    max_iterations: int | None = Field(None, ge=1)
+    """Stop the RL loop after this many iterations (None: run until the MIM run ends)."""
+    steps_per_policy: int | None = Field(None, ge=1)
+    """Lockstep mode (the paper's alternating updates): trainer step s waits for policy
+    iteration >= s // steps_per_policy, and RL iteration k + 1 waits for the MIM weights of step
+    k * steps_per_policy (published then). None (default): each side runs at its own pace."""
+    wait_for_mim: bool = True
+    """Start training the policy only once the trainer has published its first MIM weights
+    (scoring masks with an untrained model teaches nothing, and on a small machine it would slow
+    the trainer's start)."""
+    augment: bool = True
+    """Augment the agents' crops with ``data.augment``, as the trainer's crops are."""
+    wait_timeout_s: float = Field(600.0, gt=0)
+    """How long one side waits for the other (RL actor placement, lockstep turns) before failing."""
+    seed: int = 0
+
+
+class DbMiMJob(PretrainJob):
+    """A dbMiM pretraining job: a :class:`~neuroray.trainers.pretrain.PretrainJob` plus ``rl``.
+
+    ``masking`` is the policy masker (its ``ratio`` is used until the first policy arrives);
+    any other masker runs the matched-compute control without the RL side.
+    """
+
+    masking: MaskerSpec = PolicyMasker(ratio=0.75)
+    rl: RLSettings = RLSettings()
+
+    @model_validator(mode="after")
+    def _rl_settings_fit(self) -> DbMiMJob:
+        rl = self.rl
+        if rl.steps_per_policy and rl.max_iterations:
+            needed = -(-self.run.steps // rl.steps_per_policy)
+            if rl.max_iterations < needed:
+                raise ValueError(
+                    f"lockstep needs rl.max_iterations >= run.steps / rl.steps_per_policy = "
+                    f"{needed}, got {rl.max_iterations}; raise it or set it to null"
+                )
+        if self.rl.ppo.minibatch_size > self.rl.ppo.train_batch_agent_steps:
+            raise ValueError(
+                f"rl.ppo.minibatch_size {self.rl.ppo.minibatch_size} exceeds "
+                f"rl.ppo.train_batch_agent_steps {self.rl.ppo.train_batch_agent_steps}"
+            )
+        return self
+
+    @property
+    def uses_policy(self) -> bool:
+        return isinstance(self.masking, PolicyMasker)
