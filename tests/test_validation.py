@@ -25,7 +25,8 @@ from neuroray.cli import main
 from neuroray.config import load_config
 from neuroray.errors import ConfigError, VolumeError
 from neuroray.platform.ingest import ingest
-from neuroray.platform.volume import check_url_scheme, create_volume, open_volume
+from neuroray.platform.remote import check_url_scheme
+from neuroray.platform.volume import create_volume, open_volume
 
 REPO = Path(__file__).resolve().parents[1]
 

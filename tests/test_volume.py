@@ -190,7 +190,8 @@ def test_chunk_grid_tiles_bounds_and_touching_chunks():
 
 
 def test_empty_shapes_unknown_schemes_and_read_only_web_servers_are_refused(tmp_path):
-    from neuroray.platform.volume import check_destination, url_scheme
+    from neuroray.platform.remote import url_scheme
+    from neuroray.platform.volume import check_destination
 
     assert url_scheme("zarr://s3://b/x.zarr") == "s3"
     assert url_scheme("precomputed://gs://b/x") == "gs"
