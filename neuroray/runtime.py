@@ -19,10 +19,14 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from neuroray.errors import NeurorayError
+
+if TYPE_CHECKING:
+    from neuroray.config import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +153,20 @@ def connect(
             )
         _private_token_file()
     return ray.cluster_resources()
+
+
+def connect_to(ray_config: RayConfig, **options: Any) -> dict:
+    """:func:`connect` as a job's ``ray:`` section says (address, CPUs, object store).
+
+    Every job that starts Ray work connects through this, so what ``RayConfig`` means is
+    written once; ``options`` are :func:`connect`'s other keywords (``log_to_driver``, ...).
+    """
+    return connect(
+        ray_config.address,
+        num_cpus=ray_config.num_cpus,
+        object_store_mb=ray_config.object_store_mb,
+        **options,
+    )
 
 
 def shutdown() -> None:

@@ -526,6 +526,13 @@ class ServerPool:
         self.servers = []
         self._cache.clear()
 
+    def __enter__(self) -> ServerPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """``with ServerPool(...) as pool:`` stops the servers however the block ends."""
+        self.shutdown()
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_cache"] = None  # mapped chunks stay in this process

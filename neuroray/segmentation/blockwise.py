@@ -442,7 +442,7 @@ def _run_stage(
 
 def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
     """Run the stages of the module docstring; returns the layers written and per-stage counts."""
-    from neuroray.runtime import connect
+    from neuroray.runtime import connect_to
 
     if config.affinities is None and (config.checkpoint is None or config.image is None):
         raise NeurorayError("segment needs checkpoint + image, or an existing affinities layer")
@@ -459,9 +459,7 @@ def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
         bounds = _bounds(config, open_volume(config.affinities).bounds)
     task = "em" if job is None else (config.task or job.task)
     prepare_output(out, fingerprint(config, task), overwrite=config.overwrite)
-    connect(
-        config.ray.address, num_cpus=config.ray.num_cpus, object_store_mb=config.ray.object_store_mb
-    )
+    connect_to(config.ray)
     markers = Markers(str(out))
     config_json = config.model_dump_json()
     stages: list[StageReport] = []

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 from pydantic import Field, field_validator
 
-from neuroray.config import StrictModel
+from neuroray.config import RayConfig, StrictModel
 from neuroray.errors import NeurorayError
 from neuroray.paths import InputPath
 from neuroray.platform.augment import PipelineSpec, build_pipeline, default_pipeline
@@ -115,14 +116,27 @@ def check_crop_matches_model(data: DataSettings, img_size: tuple[int, ...]) -> N
         )
 
 
+@contextlib.contextmanager
+def chunk_servers(data: DataSettings, ray: RayConfig | None = None) -> Iterator[ServerPool]:
+    """Connect to Ray as ``ray`` says (skipped when None: the caller has connected), start the
+    chunk servers for ``data``, and shut them down when the block ends, however it ends::
+
+        with chunk_servers(job.data, job.ray) as pool:
+            fit(task_class, job, extras={"pool": pool})
+
+    The one place a job's "connect, start the pool, shut it down" is written.
+    """
+    if ray is not None:
+        from neuroray.runtime import connect_to
+
+        connect_to(ray)
+    with start_pool(data) as pool:
+        yield pool
+
+
 def run_with_pool(task_class: type, job: Any) -> Any:
     """Connect to Ray, start the job's chunk servers, fit ``task_class`` on them, stop them."""
-    from neuroray.runtime import connect
     from neuroray.trainers.loop import fit
 
-    connect(job.ray.address, num_cpus=job.ray.num_cpus, object_store_mb=job.ray.object_store_mb)
-    pool = start_pool(job.data)
-    try:
+    with chunk_servers(job.data, job.ray) as pool:
         return fit(task_class, job, extras={"pool": pool})
-    finally:
-        pool.shutdown()

@@ -48,6 +48,7 @@ whose driver dies is retried by Tune (``max_trial_failures``) and also resumes f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping
@@ -287,26 +288,21 @@ def run_trial(
     """The Tune trainable: one trial's fine-tuning TorchTrainer (a driver function, 0 CPUs)."""
     import ray.tune
 
-    from neuroray.trainers.data import start_pool
+    from neuroray.trainers.data import chunk_servers
     from neuroray.trainers.finetune import SegmentationTask
     from neuroray.trainers.loop import fit
 
     if sweep is None:
         raise TypeError("run_trial needs its sweep: bind it with tune.with_parameters(sweep=...)")
     job = trial_job(sweep, params, ray.tune.get_context().get_trial_id())
-    own_pool = pool is None
-    if own_pool:
-        pool = start_pool(job.data)
-    try:
+    # the sweep's shared pool, or this trial's own (stopped when the trial ends)
+    with contextlib.nullcontext(pool) if pool is not None else chunk_servers(job.data) as pool:
         fit(
             SegmentationTask,
             job,
             extras={"pool": pool},
             callbacks=[_report_callback(sweep.metric)],
         )
-    finally:
-        if own_pool:
-            pool.shutdown()
 
 
 def _trial_dirname(trial) -> str:  # noqa: ANN001 - a Tune Trial
@@ -430,8 +426,8 @@ def tune_sweep(config: SweepConfig) -> SweepResult:
     import ray
     from ray import tune
 
-    from neuroray.runtime import connect
-    from neuroray.trainers.data import start_pool
+    from neuroray.runtime import connect_to
+    from neuroray.trainers.data import chunk_servers
 
     sweep = prepare_sweep(config)
     experiment = config.experiment_path()
@@ -448,17 +444,15 @@ def tune_sweep(config: SweepConfig) -> SweepResult:
             "or choose another name"
         )
 
-    cluster = connect(
-        config.ray.address, num_cpus=config.ray.num_cpus, object_store_mb=config.ray.object_store_mb
-    )
+    cluster = connect_to(config.ray)
     per_trial = trial_resources(sweep.job, own_pool=not sweep.shares_pool)
     reserved = {"CPU": sweep.job.data.num_servers * sweep.job.data.server_cpus}
     max_concurrent = config.max_concurrent_trials or concurrent_trials(
         cluster, per_trial, reserved if sweep.shares_pool else {}
     )
 
-    pool = start_pool(sweep.job.data) if sweep.shares_pool else None
-    try:
+    # one pool for every trial when they share it (else each trial starts its own: run_trial)
+    with chunk_servers(sweep.job.data) if sweep.shares_pool else contextlib.nullcontext() as pool:
         tuner_task = ray.remote(_run_tuner).options(**tuner_task_options())
         running = tuner_task.remote(sweep, pool, restoring, max_concurrent)
         try:
@@ -466,9 +460,6 @@ def tune_sweep(config: SweepConfig) -> SweepResult:
         except KeyboardInterrupt:  # Tune saves its state on interrupt: rerun to resume
             ray.cancel(running)
             raise
-    finally:
-        if pool is not None:
-            pool.shutdown()
 
     best = pick_best(trials, sweep.mode)
     best_path = config.best_config_path()
