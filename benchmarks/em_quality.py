@@ -32,13 +32,25 @@ from neuroray.errors import NeurorayError
 from neuroray.platform.provenance import check_resume, local_dir, write_fingerprint
 from neuroray.platform.storage import remove_tree
 
-ENCODER = {
-    "size": None,
-    "width": 128,
-    "depth": 4,
-    "heads": 4,
-    "patch_size": [4, 16, 16],
-    "img_size": [16, 64, 64],
+#: What every row changes in the shipped configs (neuroray/configs/*.yaml, `configs/` in a
+#: checkout): one smaller encoder for all rows, one chunk server, 50-step epochs and logging.
+SHARED_OVERRIDES = [
+    "model.encoder.width=128",
+    "model.encoder.depth=4",
+    "model.encoder.heads=4",
+    "data.num_servers=1",
+    "run.steps_per_epoch=50",
+    "run.report_every=50",
+    "run.preview_every=50",
+]
+#: Pretraining rows (MAE, its random-masking control, dbMiM): a longer warm-up.
+PRETRAIN_OVERRIDES = [*SHARED_OVERRIDES, "optim.warmup_steps=100"]
+#: MS-Con: MAE's encoder and learning rate so the rows compare; a coarser pooled grid.
+MSCON_OVERRIDES = [*PRETRAIN_OVERRIDES, "model.pool_grid=[8, 8, 8]", "optim.lr=0.0003"]
+#: Fine-tuning rows, per task: (shipped config, its overrides); ROIs, crops, init are per row.
+FINETUNE_CONFIGS = {
+    "em": ("finetune_em", [*SHARED_OVERRIDES, "optim.warmup_steps=30", "targets.grow_boundary=0"]),
+    "mito": ("finetune_mito", [*SHARED_OVERRIDES, "optim.warmup_steps=30"]),
 }
 CROP = [16, 64, 64]
 MITO_CROP = [8, 128, 128]  # vnc_stack1 has 20 sections at 50 nm: train on 14, so crops are 8 deep
@@ -62,64 +74,76 @@ def ingest_all(data: str, layers: Path) -> dict[str, str]:
     return urls
 
 
-def _pretrain_settings(urls: dict[str, str], out: Path, name: str, steps: int, seed: int) -> dict:
-    """What every pretraining row shares: data, encoder, optimiser, steps, batch."""
-    return {
-        "data": {
-            "image": urls["s1_raw"],
-            "sampler": {"crop_shape": CROP, "seed": seed},
-            "augment": "em",
-            "num_servers": 1,
-        },
-        "model": {"encoder": ENCODER, "decoder_width": 128, "decoder_depth": 2, "decoder_heads": 4},
-        "optim": {"lr": 3e-4, "warmup_steps": 100},
-        "run": {
-            "name": f"{name}_s1_seed{seed}",
-            "storage_path": str(out / "runs"),
-            "steps": steps,
-            "batch_size": 8,
-            "checkpoint_every": steps,
-            "report_every": 50,
-            "seed": seed,
-        },
+def load_job(model: type, config: str, overrides: list[str]) -> tuple[object, dict]:
+    """Shipped config ``config`` with ``overrides`` (as the CLI applies them), and the row's
+    record of both."""
+    from neuroray import configs
+
+    return configs.load(model, config, overrides), {
+        "config": f"configs/{config}.yaml",
+        "overrides": list(overrides),
     }
 
 
-def pretrain_mae(urls, out, steps, seed, ratio=0.75, name="mae") -> tuple[str, dict]:
-    from neuroray.config import validate
+def _pretrain_overrides(urls: dict[str, str], out: Path, name: str, steps: int, seed: int):
+    """What every pretraining row sets on top of its shared overrides: data, run, seed."""
+    from neuroray.config import override
+
+    return [
+        override("data.image", urls["s1_raw"]),
+        override("data.sampler.seed", seed),
+        override("run.name", f"{name}_s1_seed{seed}"),
+        override("run.storage_path", str(out / "runs")),
+        override("run.steps", steps),
+        override("run.checkpoint_every", steps),
+        override("run.seed", seed),
+    ]
+
+
+def pretrain_mae(urls, out, steps, seed, ratio=0.75, name="mae") -> tuple[str, dict, dict]:
+    from neuroray.config import override
     from neuroray.trainers.pretrain import PretrainJob, pretrain
 
-    settings = _pretrain_settings(urls, out, name, steps, seed)
-    settings["masking"] = {"name": "random", "ratio": ratio}
-    result = pretrain(validate(PretrainJob, settings))
-    return result.checkpoint.path, result.metrics
+    job, spec = load_job(
+        PretrainJob,
+        "pretrain_mae",
+        [
+            *PRETRAIN_OVERRIDES,
+            *_pretrain_overrides(urls, out, name, steps, seed),
+            override("masking.ratio", ratio),
+        ],
+    )
+    result = pretrain(job)
+    return result.checkpoint.path, result.metrics, spec
 
 
-def pretrain_dbmim(urls, out, steps, seed) -> tuple[str, dict]:
+def pretrain_dbmim(urls, out, steps, seed) -> tuple[str, dict, dict]:
     from neuroray.agents.dbmim import DbMiMJob, run_dbmim
-    from neuroray.config import validate
+    from neuroray.config import override
 
-    settings = _pretrain_settings(urls, out, "dbmim", steps, seed)
-    settings["rl"] = {"seed": seed}
-    result = run_dbmim(validate(DbMiMJob, settings))
-    return result.checkpoint.path, result.metrics
+    job, spec = load_job(
+        DbMiMJob,
+        "pretrain_dbmim",
+        [
+            *PRETRAIN_OVERRIDES,
+            *_pretrain_overrides(urls, out, "dbmim", steps, seed),
+            override("rl.seed", seed),
+        ],
+    )
+    result = run_dbmim(job)
+    return result.checkpoint.path, result.metrics, spec
 
 
-def pretrain_mscon(urls, out, steps, seed) -> tuple[str, dict]:
-    from neuroray.config import validate
+def pretrain_mscon(urls, out, steps, seed) -> tuple[str, dict, dict]:
     from neuroray.trainers.mscon import MSConJob, run_mscon
 
-    settings = _pretrain_settings(urls, out, "mscon", steps, seed)
-    settings["data"]["augment"] = []
-    settings["model"] = {
-        "encoder": ENCODER,
-        "feature_size": 16,
-        "skip_connections": False,
-        "pool_grid": [8, 8, 8],
-    }
-    settings["run"]["batch_size"] = 4
-    result = run_mscon(validate(MSConJob, settings))
-    return result.checkpoint.path, result.metrics
+    job, spec = load_job(
+        MSConJob,
+        "pretrain_mscon",
+        [*MSCON_OVERRIDES, *_pretrain_overrides(urls, out, "mscon", steps, seed)],
+    )
+    result = run_mscon(job)
+    return result.checkpoint.path, result.metrics, spec
 
 
 def finetune_run(
@@ -134,45 +158,34 @@ def finetune_run(
     steps: int,
     seed: int,
     crop: list[int],
-) -> tuple[str, dict]:
-    from neuroray.config import validate
+) -> tuple[str, dict, dict]:
+    from neuroray.config import override
     from neuroray.trainers.finetune import FinetuneJob, finetune
 
-    job = validate(
+    config, overrides = FINETUNE_CONFIGS[task]
+    job, spec = load_job(
         FinetuneJob,
-        {
-            "task": task,
-            "data": {
-                "image": image,
-                "labels": labels,
-                "num_servers": 1,
-                "augment": "em",
-                "sampler": {"crop_shape": crop, "roi": roi, "seed": seed},
-            },
-            "model": {
-                "encoder": {**ENCODER, "img_size": crop, "pos_embed": "learned"},
-                "feature_size": 16,
-                "init": init,
-            },
-            "validation": {"roi": val_roi},
-            "optim": {
-                "lr": 5e-4,
-                "warmup_steps": 30,
-                "layer_decay": 0.9 if init != "scratch" else None,
-            },
-            "run": {
-                "name": name,
-                "storage_path": str(out / "runs"),
-                "steps": steps,
-                "batch_size": 4,
-                "checkpoint_every": steps,
-                "report_every": 50,
-                "seed": seed,
-            },
-        },
+        config,
+        [
+            *overrides,
+            override("data.image", image),
+            override("data.labels", labels),
+            override("data.sampler.crop_shape", crop),
+            override("data.sampler.roi", roi),
+            override("data.sampler.seed", seed),
+            override("model.encoder.img_size", crop),
+            override("model.init", init),
+            override("optim.layer_decay", 0.9 if init != "scratch" else None),
+            override("validation.roi", val_roi),
+            override("run.name", name),
+            override("run.storage_path", str(out / "runs")),
+            override("run.steps", steps),
+            override("run.checkpoint_every", steps),
+            override("run.seed", seed),
+        ],
     )
     result = finetune(job)
-    return result.checkpoint.path, result.metrics
+    return result.checkpoint.path, result.metrics, spec
 
 
 def score_test_slab(
@@ -284,7 +297,7 @@ def main() -> None:
             if method not in args.methods:
                 continue
             t0 = time.perf_counter()
-            checkpoint, metrics = run_pretraining()
+            checkpoint, metrics, job = run_pretraining()
             inits[method] = f"checkpoint:{checkpoint}"
             record(
                 {
@@ -295,12 +308,13 @@ def main() -> None:
                     "final_loss": metrics.get("loss"),
                     "mask_ratio": metrics.get("mask_ratio"),
                     "seconds": round(time.perf_counter() - t0, 1),
+                    **job,
                 }
             )
             if method == "dbmim" and "control" in args.methods:
                 ratio = round(float(metrics["mask_ratio"]), 2)  # where the policy settled
                 t0 = time.perf_counter()
-                checkpoint, metrics = pretrain_mae(
+                checkpoint, metrics, job = pretrain_mae(
                     urls, out, steps, seed, ratio=ratio, name="control"
                 )
                 inits["control"] = f"checkpoint:{checkpoint}"
@@ -313,6 +327,7 @@ def main() -> None:
                         "final_loss": metrics.get("loss"),
                         "mask_ratio": ratio,
                         "seconds": round(time.perf_counter() - t0, 1),
+                        **job,
                     }
                 )
         settings = []
@@ -355,7 +370,7 @@ def main() -> None:
                 for method, init in inits.items():
                     name = f"{label}_{method}_{regime.split()[0]}_seed{seed}"
                     t0 = time.perf_counter()
-                    checkpoint, val = finetune_run(
+                    checkpoint, val, job = finetune_run(
                         task,
                         urls[image],
                         urls[labels],
@@ -383,6 +398,7 @@ def main() -> None:
                             "validation": {k: v for k, v in val.items() if k.startswith("val_")},
                             "test": scores,
                             "seconds": round(time.perf_counter() - t0, 1),
+                            **job,
                         }
                     )
 
@@ -403,6 +419,11 @@ def main() -> None:
             + " | ".join(cells)
             + " |"
         )
+    print("\nJobs: each row's shipped config and the overrides it ran (also in results.json)")
+    for row in results:
+        if "config" in row:
+            what = f"{row['kind']} {row.get('regime', '')} {row['method']} seed {row['seed']}"
+            print(f"- {' '.join(what.split())}: {row['config']} {' '.join(row['overrides'])}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,49 @@ from pathlib import Path
 import numpy as np
 
 CROP = [16, 64, 64]
+#: What every learned row changes in the shipped configs/finetune_lm.yaml (neuroray/configs/):
+#: 16x64x64 crops anywhere in OP_1..OP_4 (validation on OP_4), one chunk server, no encoder
+#: freeze or layer decay, and a short run; data paths, seed, init and inflation are per row.
+LM_OVERRIDES = [
+    "data.num_servers=1",
+    f"data.sampler.crop_shape={CROP}",
+    f"model.encoder.img_size={CROP}",
+    "data.sampler.roi=null",
+    "data.sampler.min_foreground=1.0e-6",
+    "data.sampler.foreground_from=manifest",
+    "model.freeze_encoder_steps=0",
+    "optim.lr=0.0005",
+    "optim.layer_decay=null",
+    "optim.warmup_steps=30",
+    "run.steps_per_epoch=50",
+    "run.report_every=50",
+    "run.preview_every=50",
+]
+
+
+def lm_job(image, labels, val_roi, out: Path, method, init, inflate, seed, steps):
+    """One learned row's fine-tuning job: the shipped config with LM_OVERRIDES and the row's
+    own settings; returns the job and the row's record of config and overrides."""
+    from neuroray import configs
+    from neuroray.config import override
+    from neuroray.trainers.finetune import FinetuneJob
+
+    overrides = [
+        *LM_OVERRIDES,
+        override("data.image", image),
+        override("data.labels", labels),
+        override("data.sampler.seed", seed),
+        override("model.init", init),
+        override("model.inflate", inflate),
+        override("validation.roi", val_roi),
+        override("run.name", f"lm_{method.split()[-1]}_seed{seed}"),
+        override("run.storage_path", str(out / "runs")),
+        override("run.steps", steps),
+        override("run.checkpoint_every", steps),
+        override("run.seed", seed),
+    ]
+    job = configs.load(FinetuneJob, "finetune_lm", overrides)
+    return job, {"config": "configs/finetune_lm.yaml", "overrides": overrides}
 
 
 def load_stack(data: str, n: int, radius_floor: float):
@@ -86,13 +129,12 @@ def main() -> None:
     parser.add_argument("--pretrain-2d-steps", type=int, default=300)
     args = parser.parse_args()
 
-    from neuroray.config import validate
     from neuroray.models.pretrain2d import pretrain_2d
     from neuroray.platform.lm_data import op_pairs, prepare_lm_stacks
     from neuroray.runtime import connect
     from neuroray.segmentation.blockwise import load_segmenter
     from neuroray.segmentation.inference import predict_array
-    from neuroray.trainers.finetune import FinetuneJob, finetune
+    from neuroray.trainers.finetune import finetune
 
     connect(num_cpus=2, object_store_mb=1024, log_to_driver=False)
     out = Path(args.out)
@@ -132,47 +174,8 @@ def main() -> None:
             ("2D→3D center", source, "center"),
         ):
             t0 = time.perf_counter()
-            job = validate(
-                FinetuneJob,
-                {
-                    "task": "lm",
-                    "data": {
-                        "image": layers.image,
-                        "labels": layers.labels,
-                        "augment": "lm",
-                        "num_servers": 1,
-                        "sampler": {
-                            "crop_shape": CROP,
-                            "seed": seed,
-                            "min_foreground": 1e-6,
-                            "foreground_from": "manifest",
-                        },
-                    },
-                    "model": {
-                        "encoder": {
-                            "size": None,
-                            "width": 192,
-                            "depth": 6,
-                            "heads": 3,
-                            "img_size": CROP,
-                            "pos_embed": "learned",
-                        },
-                        "feature_size": 16,
-                        "init": init,
-                        "inflate": inflate,
-                    },
-                    "validation": {"roi": val_roi},
-                    "optim": {"lr": 5e-4, "warmup_steps": 30},
-                    "run": {
-                        "name": f"lm_{method.split()[-1]}_seed{seed}",
-                        "storage_path": str(out / "runs"),
-                        "steps": args.steps,
-                        "batch_size": 4,
-                        "checkpoint_every": args.steps,
-                        "report_every": 50,
-                        "seed": seed,
-                    },
-                },
+            job, spec = lm_job(
+                layers.image, layers.labels, val_roi, out, method, init, inflate, seed, args.steps
             )
             checkpoint = finetune(job).checkpoint.path
             model, _ = load_segmenter(checkpoint)
@@ -186,6 +189,7 @@ def main() -> None:
                         "steps": args.steps,
                         "seconds": round(time.perf_counter() - t0, 1),
                         **score(probs > 0.5, gold, tree, voxel),
+                        **spec,
                     }
                 )
                 print(json.dumps(results[-1]), flush=True)
@@ -199,6 +203,12 @@ def main() -> None:
             f"| {r['method']} | {r['seed']} | {r['stack']} | {r['dice']:.3f} | {r['iou']:.3f} | {r['hd95_um']:.1f} | "
             f"{r['esa_um']:.2f} | {r['dsa_um']:.2f} | {r['pds']:.3f} | {r['node_f1']:.3f} |"
         )
+    print(
+        "\nJobs: each learned row's shipped config and the overrides it ran (also in results.json)"
+    )
+    for r in results:
+        if "config" in r and r["stack"] == f"OP_{min(test)}":  # once per method and seed
+            print(f"- {r['method']} seed {r['seed']}: {r['config']} {' '.join(r['overrides'])}")
 
 
 if __name__ == "__main__":

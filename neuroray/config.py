@@ -101,6 +101,15 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return result
 
 
+def override(key: str, value: Any) -> str:
+    """The ``key.sub=value`` override that sets ``key`` to ``value`` (any JSON-able value).
+
+    The value is written as JSON, which YAML reads back unchanged, so a path or a name with
+    ``:``, ``#`` or spaces in it survives :func:`parse_override`.
+    """
+    return f"{key}={json.dumps(value)}"
+
+
 def _submodel_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The model class that holds the field at ``loc`` (so we can list its valid keys)."""
     current: type[BaseModel] | None = model

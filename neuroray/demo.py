@@ -13,9 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+M = TypeVar("M", bound="BaseModel")
 
 DEMO_EM_SHAPE = (48, 192, 192)
 DEMO_LM_SHAPE = (48, 160, 160)
@@ -30,6 +35,8 @@ class DemoRun:
     urls: dict[str, str] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     rows: list[tuple[str, float, str]] = field(default_factory=list)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per training stage: the shipped config it loaded and every override it applied."""
 
     def say(self, message: str) -> None:
         print(f"[demo] {message}", flush=True)
@@ -79,10 +86,9 @@ def stage_serve(run: DemoRun) -> str:
     from neuroray.runtime import connect
 
     connect(run.address, log_to_driver=False)
-    pool = ServerPool(
+    with ServerPool(
         {"image": run.urls["em_raw"], "labels": run.urls["em_labels"]}, num_servers=2, cache_mb=64
-    )
-    try:
+    ) as pool:
         sampler = CropSampler(
             pool.bounds,
             (16, 96, 96),
@@ -97,8 +103,6 @@ def stage_serve(run: DemoRun) -> str:
             tiles.append(overlay(image[image.shape[0] // 2], labels[labels.shape[0] // 2]))
         path = save_png(grid(tiles, columns=3), run.out / "previews" / "served_crops.png")
         stats = pool.server_stats()
-    finally:
-        pool.shutdown()
     run.urls["served_crops_png"] = str(path)
     blocks = sum(s["reads"] for s in stats)
     return (
@@ -107,50 +111,101 @@ def stage_serve(run: DemoRun) -> str:
     )
 
 
-DEMO_CROP = [16, 64, 64]
-DEMO_ENCODER = {"size": None, "width": 96, "depth": 4, "heads": 3, "img_size": DEMO_CROP}
 TRAIN_ROI = [0, 0, 0, 34, 192, 192]  # fine-tuning crops come from z < 34
 VALID_ROI = [34, 0, 0, 48, 192, 192]  # threshold chosen here; segmentation scored here too
+
+# The training stages run the configs users run (neuroray/configs/*.yaml, `configs/` in a
+# checkout) with these overrides; the layers the demo wrote and its output folder are set on top
+# (see load_job). Everything else (patch 4x16x16, 3 heads, 16x64x64 crops, augmentations, targets,
+# losses, thresholds, the RL side) is the shipped config's.
+#: The shipped ViT at half the width and two thirds of the depth, so every stage fits 2 cores.
+DEMO_ENCODER = ["model.encoder.width=96", "model.encoder.depth=4"]
+#: Minutes, not hours: short runs, small chunk caches, 50-step epochs, one checkpoint at the end.
+PRETRAIN_OVERRIDES = [
+    *DEMO_ENCODER,
+    "model.decoder_width=64",
+    "data.cache_mb=64",
+    "optim.warmup_steps=10",
+    "run.name=demo_pretrain_dbmim",
+    "run.steps=60",
+    "run.batch_size=4",
+    "run.steps_per_epoch=50",
+    "run.checkpoint_every=60",
+    "run.preview_every=60",
+    "rl.ppo.train_batch_agent_steps=512",
+    "rl.ppo.minibatch_size=256",
+    "rl.ppo.num_epochs=2",
+    "rl.checkpoint_every=5",
+]
+FINETUNE_EM_OVERRIDES = [
+    *DEMO_ENCODER,
+    "data.cache_mb=64",
+    f"data.sampler.roi={TRAIN_ROI}",
+    f"validation.roi={VALID_ROI}",
+    "optim.lr=0.001",
+    "optim.layer_decay=null",
+    "optim.warmup_steps=10",
+    "run.name=demo_finetune_em",
+    "run.steps=150",
+    "run.steps_per_epoch=50",
+    "run.checkpoint_every=150",
+    "run.report_every=25",
+    "run.preview_every=75",
+]
+FINETUNE_LM_OVERRIDES = [
+    *DEMO_ENCODER,
+    "model.encoder.img_size=[16, 64, 64]",
+    "data.sampler.crop_shape=[16, 64, 64]",
+    "data.augment=[]",  # a 150-step demo learns more from clean crops
+    "data.num_servers=1",
+    "data.cache_mb=64",
+    "data.sampler.roi=[0, 0, 0, 32, 160, 160]",  # the synthetic LM volume: z < 32 trains
+    "validation.roi=[32, 0, 0, 48, 160, 160]",
+    "model.freeze_encoder_steps=0",
+    "optim.lr=0.001",
+    "optim.layer_decay=null",
+    "optim.warmup_steps=10",
+    "run.name=demo_finetune_lm",
+    "run.steps=150",
+    "run.steps_per_epoch=50",
+    "run.checkpoint_every=150",
+    "run.preview_every=50",
+]
+
+
+def load_job(
+    run: DemoRun,
+    stage: str,
+    model: type[M],
+    config: str,
+    overrides: list[str],
+    values: dict[str, Any],
+) -> M:
+    """Shipped config ``config`` with ``overrides``, then ``values`` (the demo's own layers and
+    checkpoints, by dotted key) and its output folder; recorded in ``run.jobs[stage]``."""
+    from neuroray import configs
+    from neuroray.config import override
+
+    every = [
+        *overrides,
+        *(override(key, value) for key, value in values.items()),
+        override("run.storage_path", str(run.out / "runs")),
+    ]
+    run.jobs[stage] = {"config": f"configs/{config}.yaml", "overrides": every}
+    return configs.load(model, config, every)
 
 
 def stage_pretrain(run: DemoRun) -> str:
     """dbMiM: an RLlib masking policy (one agent per patch, shared) beside the MAE on Ray Train."""
     from neuroray.agents.dbmim import DbMiMJob, run_dbmim
-    from neuroray.config import validate
 
-    job = validate(
+    job = load_job(
+        run,
+        "pretrain",
         DbMiMJob,
-        {
-            "data": {
-                "image": run.urls["em_raw"],
-                "sampler": {"crop_shape": DEMO_CROP},
-                "augment": "em",
-                "num_servers": 2,
-                "cache_mb": 64,
-            },
-            "model": {
-                "encoder": DEMO_ENCODER,
-                "decoder_width": 64,
-                "decoder_depth": 2,
-                "decoder_heads": 4,
-            },
-            "optim": {"lr": 3e-4, "warmup_steps": 10},
-            "run": {
-                "name": "demo_pretrain_dbmim",
-                "storage_path": str(run.out / "runs"),
-                "steps": 60,
-                "batch_size": 4,
-                "checkpoint_every": 60,
-                "report_every": 20,
-                "preview_every": 60,
-            },
-            "rl": {
-                "env": {"crops_per_episode": 4},
-                "ppo": {"train_batch_agent_steps": 512, "minibatch_size": 256, "num_epochs": 2},
-                "publish_mim_every": 10,
-                "checkpoint_every": 5,
-            },
-        },
+        "pretrain_dbmim",
+        PRETRAIN_OVERRIDES,
+        {"data.image": run.urls["em_raw"]},
     )
     result = run_dbmim(job)
     metrics = result.metrics
@@ -168,38 +223,18 @@ def stage_pretrain(run: DemoRun) -> str:
 
 
 def stage_finetune(run: DemoRun) -> str:
-    from neuroray.config import validate
     from neuroray.trainers.finetune import FinetuneJob, finetune
 
-    job = validate(
+    job = load_job(
+        run,
+        "finetune",
         FinetuneJob,
+        "finetune_em",
+        FINETUNE_EM_OVERRIDES,
         {
-            "task": "em",
-            "data": {
-                "image": run.urls["em_raw"],
-                "labels": run.urls["em_labels"],
-                "sampler": {"crop_shape": DEMO_CROP, "roi": TRAIN_ROI},
-                "augment": "em",
-                "num_servers": 2,
-                "cache_mb": 64,
-            },
-            "model": {
-                "encoder": {**DEMO_ENCODER, "pos_embed": "learned"},
-                "feature_size": 16,
-                "init": f"checkpoint:{run.urls['pretrain_checkpoint']}",
-            },
-            "targets": {"grow_boundary": 1},
-            "validation": {"roi": VALID_ROI},
-            "optim": {"lr": 1e-3, "warmup_steps": 10},
-            "run": {
-                "name": "demo_finetune_em",
-                "storage_path": str(run.out / "runs"),
-                "steps": 150,
-                "batch_size": 4,
-                "checkpoint_every": 150,
-                "report_every": 25,
-                "preview_every": 75,
-            },
+            "data.image": run.urls["em_raw"],
+            "data.labels": run.urls["em_labels"],
+            "model.init": f"checkpoint:{run.urls['pretrain_checkpoint']}",
         },
     )
     result = finetune(job)
@@ -253,7 +288,6 @@ def stage_evaluate(run: DemoRun) -> str:
 
 def stage_light_microscopy(run: DemoRun) -> str:
     """2D natural-image ViT -> 3D encoder (center inflation) -> LM neuron masks -> Dice."""
-    from neuroray.config import validate
     from neuroray.models.pretrain2d import pretrain_2d
     from neuroray.platform.lm_data import prepare_lm_stack
     from neuroray.trainers.finetune import FinetuneJob, finetune
@@ -273,38 +307,16 @@ def stage_light_microscopy(run: DemoRun) -> str:
         run.out / "layers" / "lm_train",
         radius_floor_px=1.5,
     )
-    job = validate(
+    job = load_job(
+        run,
+        "lm",
         FinetuneJob,
+        "finetune_lm",
+        FINETUNE_LM_OVERRIDES,
         {
-            "task": "lm",
-            "data": {
-                "image": layers["image"],
-                "labels": layers["labels"],
-                "augment": [],  # a 150-step demo learns more from clean crops
-                "sampler": {
-                    "crop_shape": DEMO_CROP,
-                    "roi": [0, 0, 0, 32, 160, 160],
-                    "min_foreground": 0.001,
-                },
-                "num_servers": 1,
-                "cache_mb": 64,
-            },
-            "model": {
-                "encoder": {**DEMO_ENCODER, "pos_embed": "learned"},
-                "feature_size": 16,
-                "init": vit2d.source,
-                "inflate": "center",
-            },
-            "validation": {"roi": [32, 0, 0, 48, 160, 160]},
-            "optim": {"lr": 1e-3, "warmup_steps": 10},
-            "run": {
-                "name": "demo_finetune_lm",
-                "storage_path": str(run.out / "runs"),
-                "steps": 150,
-                "batch_size": 4,
-                "checkpoint_every": 150,
-                "report_every": 20,
-            },
+            "data.image": layers["image"],
+            "data.labels": layers["labels"],
+            "model.init": vit2d.source,
         },
     )
     metrics = finetune(job).metrics
@@ -378,6 +390,7 @@ def run_demo(
         json.dumps(
             {
                 "urls": run.urls,
+                "jobs": run.jobs,
                 "results": _jsonable(run.results),
                 "stages": [
                     {"stage": n, "seconds": round(s, 2), "summary": m} for n, s, m in run.rows

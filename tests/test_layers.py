@@ -16,7 +16,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "neuroray"
 
 # The rule, lowest layer first (keep in step with docs/ARCHITECTURE.md, "Layers").
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("neuroray", "errors", "registry", "config", "paths", "runtime", "preview")),
+    (
+        "foundation",
+        ("neuroray", "errors", "registry", "config", "configs", "paths", "runtime", "preview"),
+    ),
     ("platform", ("platform",)),
     ("models", ("models", "masking")),
     ("segmentation", ("segmentation",)),
