@@ -102,10 +102,10 @@ def _pretrain_overrides(urls: dict[str, str], out: Path, name: str, steps: int, 
 
 def pretrain_mae(urls, out, steps, seed, ratio=0.75, name="mae") -> tuple[str, dict, dict]:
     from neuroray.config import override
-    from neuroray.trainers.pretrain import PretrainJob, pretrain
+    from neuroray.trainers.pretrain import MAEJob, pretrain
 
     job, spec = load_job(
-        PretrainJob,
+        MAEJob,
         "pretrain_mae",
         [
             *PRETRAIN_OVERRIDES,

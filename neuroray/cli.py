@@ -203,9 +203,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
-    from neuroray.segmentation.blockwise import SegmentConfig, segment
+    from neuroray.segmentation.blockwise import SegmentJob, segment
 
-    result = segment(_load_job(SegmentConfig, args))
+    result = segment(_load_job(SegmentJob, args))
     print(result.summary())
     for name, url in result.layers.items():
         print(f"{name}: precomputed://file://{Path(url).resolve()}")

@@ -27,7 +27,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-class RayConfig(StrictModel):
+class RaySettings(StrictModel):
     """Where the job runs: embedded local Ray (address None) or a cluster."""
 
     address: str | None = None

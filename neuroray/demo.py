@@ -249,11 +249,11 @@ def stage_finetune(run: DemoRun) -> str:
 
 
 def stage_segment(run: DemoRun) -> str:
-    from neuroray.segmentation.blockwise import SegmentConfig, segment
+    from neuroray.segmentation.blockwise import SegmentJob, segment
 
     threshold = run.results["finetune_validation"]["val_threshold"]
     result = segment(
-        SegmentConfig(
+        SegmentJob(
             checkpoint=run.urls["finetune_checkpoint"],
             image=run.urls["em_raw"],
             output=str(run.out / "segmentation" / "em"),

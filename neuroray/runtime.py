@@ -26,7 +26,7 @@ import ray
 from neuroray.errors import NeurorayError
 
 if TYPE_CHECKING:
-    from neuroray.config import RayConfig
+    from neuroray.config import RaySettings
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,10 @@ def connect(
     return ray.cluster_resources()
 
 
-def connect_to(ray_config: RayConfig, **options: Any) -> dict:
+def connect_to(ray_config: RaySettings, **options: Any) -> dict:
     """:func:`connect` as a job's ``ray:`` section says (address, CPUs, object store).
 
-    Every job that starts Ray work connects through this, so what ``RayConfig`` means is
+    Every job that starts Ray work connects through this, so what ``RaySettings`` means is
     written once; ``options`` are :func:`connect`'s other keywords (``log_to_driver``, ...).
     """
     return connect(

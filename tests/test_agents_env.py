@@ -12,7 +12,7 @@ from neuroray.agents.env import (
     EnvError,
     EnvSettings,
     MaskingEnv,
-    RewardConfig,
+    RewardSettings,
     masking_rewards,
 )
 from neuroray.agents.oracle import MIMOracle, OracleError, OracleSettings, start_oracle
@@ -54,7 +54,7 @@ def em_region(data_dir) -> np.ndarray:
 
 
 def make_env(oracle, volume, crops_per_episode=2, **reward) -> MaskingEnv:
-    settings = EnvSettings(crops_per_episode=crops_per_episode, reward=RewardConfig(**reward))
+    settings = EnvSettings(crops_per_episode=crops_per_episode, reward=RewardSettings(**reward))
     return MaskingEnv(
         {"oracle": oracle, "crops": ArrayCrops(volume, CROP), "settings": settings, "seed": 3}
     )
@@ -175,13 +175,13 @@ def test_rewards_known_answers_inside_the_band():
     per_patch = np.array([[0.5, 1.0, 0.0, 0.0]])
     masks = np.array([[True, True, False, False]])
     team = np.array([0.75])
-    harder = masking_rewards(per_patch, masks, team, RewardConfig(ratio_band=(0.4, 0.95)))
+    harder = masking_rewards(per_patch, masks, team, RewardSettings(ratio_band=(0.4, 0.95)))
     np.testing.assert_allclose(harder, [[1.25, 1.75, 0.75, 0.75]])
     easier = masking_rewards(
-        per_patch, masks, team, RewardConfig(mode="easier", ratio_band=(0.4, 0.95))
+        per_patch, masks, team, RewardSettings(mode="easier", ratio_band=(0.4, 0.95))
     )
     np.testing.assert_allclose(easier, -harder)
-    weighted = RewardConfig(team_weight=2.0, agent_weight=0.5, ratio_band=(0.4, 0.95))
+    weighted = RewardSettings(team_weight=2.0, agent_weight=0.5, ratio_band=(0.4, 0.95))
     np.testing.assert_allclose(
         masking_rewards(per_patch, masks, team, weighted), [[1.75, 2.0, 1.5, 1.5]]
     )
@@ -190,7 +190,7 @@ def test_rewards_known_answers_inside_the_band():
 def test_band_term_charges_the_agents_that_moved_the_ratio_out():
     per_patch = np.zeros((1, 4))
     team = np.zeros(1)
-    config = RewardConfig(ratio_band=(0.2, 0.5), ratio_weight=3.0)
+    config = RewardSettings(ratio_band=(0.2, 0.5), ratio_weight=3.0)
     too_many = np.array([[True, True, True, False]])  # ratio 0.75 > 0.5: the maskers pay
     np.testing.assert_allclose(
         masking_rewards(per_patch, too_many, team, config), [[-3, -3, -3, 0]]
@@ -204,7 +204,7 @@ def test_band_term_charges_the_agents_that_moved_the_ratio_out():
 
 def test_reward_config_rejects_an_impossible_band():
     with pytest.raises(ValueError, match="ratio_band"):
-        RewardConfig(ratio_band=(0.9, 0.4))
+        RewardSettings(ratio_band=(0.9, 0.4))
 
 
 # ---------------------------------------------------------------------- policy net

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from neuroray.agents.config import PPOSettings, RLSettings
-from neuroray.agents.env import EnvSettings, RewardConfig
+from neuroray.agents.env import EnvSettings, RewardSettings
 from neuroray.agents.oracle import MIMOracle, team_losses
 from neuroray.agents.ppo import build_ppo_config
 from neuroray.models.mae import MAEConfig
@@ -69,7 +69,7 @@ def test_ppo_learns_to_mask_the_patches_the_oracle_finds_hard(ray_session, mode)
     )
     oracle = TexturedIsHardOracle(model, seed=0)
     rl = RLSettings(
-        env=EnvSettings(crops_per_episode=8, reward=RewardConfig(mode=mode)),
+        env=EnvSettings(crops_per_episode=8, reward=RewardSettings(mode=mode)),
         policy=PolicyConfig(initial_mask_prob=0.5),
         ppo=PPOSettings(train_batch_agent_steps=1024, minibatch_size=256, num_epochs=4, lr=1e-3),
         seed=0,

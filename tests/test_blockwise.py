@@ -8,7 +8,7 @@ import pytest
 from neuroray.errors import NeurorayError, VolumeError
 from neuroray.platform.box import chunk_grid
 from neuroray.platform.volume import create_volume, open_volume
-from neuroray.segmentation.blockwise import SegmentConfig, segment
+from neuroray.segmentation.blockwise import SegmentJob, segment
 from neuroray.segmentation.inference import segment_affinities
 from neuroray.segmentation.metrics import evaluate_segmentation
 from neuroray.segmentation.targets import seg_to_affinities
@@ -31,7 +31,7 @@ def noisy_affinities(data_dir, tmp_path_factory):
 def clean_run(ray_session, noisy_affinities, tmp_path_factory):
     """One undisturbed blockwise run: the reference the fault tests compare with."""
     url, _ = noisy_affinities
-    return segment(SegmentConfig(affinities=url, output=str(tmp_path_factory.mktemp("clean")),
+    return segment(SegmentJob(affinities=url, output=str(tmp_path_factory.mktemp("clean")),
                                  block_shape=(32, 64, 64)), progress=False)
 
 
@@ -60,7 +60,7 @@ def test_block_killed_mid_write_is_rewritten_and_labels_equal_a_clean_run(
     dies (os._exit) before its marker. The job fails loudly; the rerun redoes only block 3 and
     every layer equals the undisturbed run's bit for bit."""
     url, _ = noisy_affinities
-    config = SegmentConfig(affinities=url, output=str(tmp_path / "out"),
+    config = SegmentJob(affinities=url, output=str(tmp_path / "out"),
                            block_shape=(32, 64, 64), fail_on_blocks=[3], fail_mode="torn_write")
     with pytest.raises(NeurorayError, match=r"1 of 8 blocks failed.*\[3\].*rerun"):
         segment(config, progress=False)
@@ -83,8 +83,8 @@ def test_block_killed_mid_write_is_rewritten_and_labels_equal_a_clean_run(
 def test_bad_segment_configs(ray_session, noisy_affinities, tmp_path):
     url, _ = noisy_affinities
     with pytest.raises(NeurorayError, match="checkpoint \\+ image"):
-        segment(SegmentConfig(output=str(tmp_path / "o")), progress=False)
+        segment(SegmentJob(output=str(tmp_path / "o")), progress=False)
     with pytest.raises(NeurorayError, match="multiple of block_shape"):
-        segment(SegmentConfig(affinities=url, output=str(tmp_path / "o"),
+        segment(SegmentJob(affinities=url, output=str(tmp_path / "o"),
                               roi=(1, 0, 0, 33, 64, 64), block_shape=(32, 64, 64)),
                 progress=False)

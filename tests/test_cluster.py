@@ -120,13 +120,13 @@ def _config_model(args):
     if getattr(args, "job_module", None):
         return importlib.import_module(args.job_module).JOB_CLASS
     if args.func is cli.cmd_tune:
-        from neuroray.tuning.sweeps import SweepConfig
+        from neuroray.tuning.sweeps import SweepJob
 
-        return SweepConfig
+        return SweepJob
     if args.func is cli.cmd_segment:
-        from neuroray.segmentation.blockwise import SegmentConfig
+        from neuroray.segmentation.blockwise import SegmentJob
 
-        return SegmentConfig
+        return SegmentJob
     return None
 
 
@@ -169,7 +169,7 @@ def test_command_matches_the_cli(label, command):
     args.args = [a.replace("/home/ray/neuroray/", f"{REPO}/") for a in args.args]
     args.args = [a if "=" in a or Path(a).is_absolute() else str(REPO / a) for a in args.args]
     config = _load_cluster_job(model, args)  # unknown keys or wrong types raise ConfigError
-    if model.__name__ == "SweepConfig":
+    if model.__name__ == "SweepJob":
         from neuroray.tuning.sweeps import prepare_sweep
 
         if not Path(config.job).is_absolute():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from neuroray.config import (
-    RayConfig,
+    RaySettings,
     StrictModel,
     apply_overrides,
     dump_yaml,
@@ -26,7 +26,7 @@ class Job(StrictModel):
     name: str = "job"
     steps: int = 10
     train: Optim = Optim()
-    ray: RayConfig = RayConfig()
+    ray: RaySettings = RaySettings()
     masks: list[str] = ["random"]
 
 

@@ -13,7 +13,7 @@ from neuroray.models.unetr import UNETR, load_encoder
 from neuroray.models.vit3d import ViTConfig, build_vit3d
 from neuroray.platform.ingest import ingest
 from neuroray.trainers.loop import load_model_checkpoint, read_starts
-from neuroray.trainers.pretrain import PretrainJob, pretrain
+from neuroray.trainers.pretrain import MAEJob, pretrain
 
 ENCODER = {"size": None, "width": 48, "depth": 2, "heads": 2, "img_size": [16, 64, 64]}
 
@@ -30,7 +30,7 @@ def medulla_raw(data_dir, tmp_path_factory):
 
 
 def _job(storage, name, steps, **run):
-    return validate(PretrainJob, {
+    return validate(MAEJob, {
         "data": {"image": "", "sampler": {"crop_shape": [16, 64, 64]}, "num_servers": 1,
                  "cache_mb": 64},
         "model": {"encoder": ENCODER, "decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2},
@@ -113,7 +113,7 @@ def test_checkpoint_contract_and_tensorboard(ray_session, medulla_raw, tmp_path)
     result = pretrain(job)
     checkpoint = load_model_checkpoint(result.checkpoint.path)
     assert checkpoint["kind"] == "mae" and checkpoint["encoder_prefix"] == "encoder."
-    assert PretrainJob.model_validate_json(checkpoint["job"]) == job
+    assert MAEJob.model_validate_json(checkpoint["job"]) == job
     # fine-tuning loads the encoder at another crop size, position embeddings resized
     encoder = build_vit3d(ViTConfig.model_validate({**ENCODER, "img_size": [32, 128, 128],
                                                      "pos_embed": "learned"}))

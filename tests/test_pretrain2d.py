@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from neuroray.models.pretrain2d import (
     MAE2D,
     NATURAL_IMAGES,
-    Pretrain2DConfig,
+    Pretrain2DJob,
     load_photo,
     pretrain_2d,
     random_masking,
@@ -42,7 +42,7 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("vit2d")
-    return pretrain_2d(Pretrain2DConfig(output=str(out), steps=40, **TINY))
+    return pretrain_2d(Pretrain2DJob(output=str(out), steps=40, **TINY))
 
 
 @pytest.mark.parametrize("name", NATURAL_IMAGES)
@@ -91,8 +91,8 @@ def test_checkpoint_transfers_to_3d(trained):
 
 
 def test_runs_are_reproducible(tmp_path):
-    a = pretrain_2d(Pretrain2DConfig(output=str(tmp_path / "a"), steps=3, **TINY))
-    b = pretrain_2d(Pretrain2DConfig(output=str(tmp_path / "b"), steps=3, **TINY))
+    a = pretrain_2d(Pretrain2DJob(output=str(tmp_path / "a"), steps=3, **TINY))
+    b = pretrain_2d(Pretrain2DJob(output=str(tmp_path / "b"), steps=3, **TINY))
     assert a.losses == b.losses
 
 
@@ -100,7 +100,7 @@ def test_masking_hides_the_configured_share_per_sample():
     kept, mask = random_masking(4, 16, 4, torch.Generator().manual_seed(0))
     assert mask.sum(1).tolist() == [12] * 4
     assert not mask.gather(1, kept).any()
-    model = MAE2D(Pretrain2DConfig(**TINY))
+    model = MAE2D(Pretrain2DJob(**TINY))
     images = torch.rand(2, 3, 32, 32)
     patches = model.patchify(images)
     assert patches.shape == (2, 16, 8 * 8 * 3)
@@ -109,6 +109,6 @@ def test_masking_hides_the_configured_share_per_sample():
 
 def test_config_rejects_unbundled_images_and_bad_shapes():
     with pytest.raises(ValueError, match="bundled"):
-        Pretrain2DConfig(images=("eagle",))  # in skimage's registry, but a pooch download
+        Pretrain2DJob(images=("eagle",))  # in skimage's registry, but a pooch download
     with pytest.raises(ValueError, match="multiple"):
-        Pretrain2DConfig(img_size=60, patch_size=16)
+        Pretrain2DJob(img_size=60, patch_size=16)

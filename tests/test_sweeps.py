@@ -26,7 +26,7 @@ from neuroray.tuning.space import (
     job_overrides,
     scale_augmentation,
 )
-from neuroray.tuning.sweeps import SweepConfig, prepare_sweep, tune_sweep
+from neuroray.tuning.sweeps import SweepJob, prepare_sweep, tune_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = {
@@ -159,33 +159,33 @@ def test_params_and_overrides_land_on_job_keys(tmp_path):
 # ---------------------------------------------------------------------- preparing a sweep
 def test_prepare_checks_every_key_before_any_trial(job_yaml):
     base = {"job": str(job_yaml), "search_space": {}}
-    sweep = prepare_sweep(validate(SweepConfig, base))
+    sweep = prepare_sweep(validate(SweepJob, base))
     assert (sweep.metric, sweep.mode, sweep.shares_pool) == ("val_voi", "min", True)
 
     with pytest.raises(ConfigError, match=r"search_space.optim.lrr.*did you mean 'optim.lr'"):
-        prepare_sweep(validate(SweepConfig, {**base, "search_space": {"optim.lrr": 0.1}}))
+        prepare_sweep(validate(SweepJob, {**base, "search_space": {"optim.lrr": 0.1}}))
     with pytest.raises(ConfigError, match=r"search_space.model.inflate='middle'"):
         prepare_sweep(
             validate(
-                SweepConfig,
+                SweepJob,
                 {**base, "search_space": {"model.inflate": {"choice": ["center", "middle"]}}},
             )
         )
     with pytest.raises(ConfigError, match="not reported by a em job"):
-        prepare_sweep(validate(SweepConfig, {**base, "metric": "val_dice"}))
+        prepare_sweep(validate(SweepJob, {**base, "metric": "val_dice"}))
     with pytest.raises(ConfigError, match="no validation.roi"):
-        prepare_sweep(validate(SweepConfig, {**base, "overrides": {"validation.roi": None}}))
+        prepare_sweep(validate(SweepJob, {**base, "overrides": {"validation.roi": None}}))
     optuna = {**base, "search": "optuna", "search_space": {"optim.lr": {"grid": [1e-3]}}}
     missing = importlib.util.find_spec("optuna") is None
     with pytest.raises(ConfigError, match="needs the optuna" if missing else "cannot sample grid"):
-        prepare_sweep(validate(SweepConfig, optuna))
+        prepare_sweep(validate(SweepJob, optuna))
     with pytest.raises(ConfigError, match="grace_period 99 exceeds"):
-        prepare_sweep(validate(SweepConfig, {**base, "scheduler": {"grace_period": 99}}))
+        prepare_sweep(validate(SweepJob, {**base, "scheduler": {"grace_period": 99}}))
     with pytest.raises(ConfigError, match="name"):
-        validate(SweepConfig, {**base, "name": "a/b"})
+        validate(SweepJob, {**base, "name": "a/b"})
 
     own = prepare_sweep(
-        validate(SweepConfig, {**base, "search_space": {"data.cache_mb": {"choice": [32, 64]}}})
+        validate(SweepJob, {**base, "search_space": {"data.cache_mb": {"choice": [32, 64]}}})
     )
     assert not own.shares_pool  # a key the servers depend on: one pool per trial
 
@@ -224,7 +224,7 @@ def test_shipped_configs_are_valid_jobs_and_sweeps():
         job = load_config(FinetuneJob, REPO / "configs" / f"finetune_{task}.yaml")
         assert job.task == task and job.validation.roi is not None
     for name, metric, mode in (("sweep_em", "val_voi", "min"), ("sweep_lm", "val_dice", "max")):
-        config = load_config(SweepConfig, REPO / "configs" / f"{name}.yaml")
+        config = load_config(SweepJob, REPO / "configs" / f"{name}.yaml")
         sweep = prepare_sweep(config.model_copy(update={"job": str(REPO / config.job)}))
         assert (sweep.metric, sweep.mode) == (metric, mode)
         assert {"optim.lr", "augment_strength", "model.init"} <= set(config.search_space)
@@ -354,7 +354,7 @@ def test_a_trial_whose_worker_process_dies_ends_like_an_undisturbed_trial(
             "search_space": {"run.fail_at_step": {"grid": [6, None]}},
         },
     )
-    result = tune_sweep(load_config(SweepConfig, sweep))
+    result = tune_sweep(load_config(SweepJob, sweep))
     print(result.summary())
 
     starts = {t.params["run.fail_at_step"]: t.starts for t in result.trials}
@@ -373,7 +373,7 @@ def test_a_trial_whose_worker_process_dies_ends_like_an_undisturbed_trial(
     differ = [k for k in clean if not torch.equal(killed[k], clean[k])]
     assert not differ, f"weights differ from the undisturbed trial's: {differ}"
 
-    again = tune_sweep(load_config(SweepConfig, sweep))  # same name: Tuner.restore, nothing reruns
+    again = tune_sweep(load_config(SweepJob, sweep))  # same name: Tuner.restore, nothing reruns
     assert {t.trial_id: t.starts for t in again.trials} == {
         t.trial_id: t.starts for t in result.trials
     }

@@ -10,7 +10,7 @@ from neuroray.agents.oracle import OracleSettings
 from neuroray.config import StrictModel
 from neuroray.masking import MaskerSpec, PolicyMasker
 from neuroray.models.policy import PolicyConfig
-from neuroray.trainers.pretrain import PretrainJob
+from neuroray.trainers.pretrain import MAEJob
 
 
 class PPOSettings(StrictModel):
@@ -60,8 +60,8 @@ class RLSettings(StrictModel):
     seed: int = 0
 
 
-class DbMiMJob(PretrainJob):
-    """A dbMiM pretraining job: a :class:`~neuroray.trainers.pretrain.PretrainJob` plus ``rl``.
+class DbMiMJob(MAEJob):
+    """A dbMiM pretraining job: a :class:`~neuroray.trainers.pretrain.MAEJob` plus ``rl``.
 
     ``masking`` is the policy masker (its ``ratio`` is used until the first policy arrives);
     any other masker runs the matched-compute control without the RL side.

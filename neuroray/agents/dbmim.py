@@ -81,37 +81,34 @@ def run_dbmim(job: DbMiMJob, task_class: type[TrainTask] = DbMiMTask) -> Any:
     import ray
 
     from neuroray.agents.oracle import start_oracle
-    from neuroray.runtime import connect
-    from neuroray.trainers.data import start_pool
+    from neuroray.trainers.data import chunk_servers
     from neuroray.trainers.loop import fit
     from neuroray.trainers.weights import start_weight_store
 
-    connect(job.ray.address, num_cpus=job.ray.num_cpus, object_store_mb=job.ray.object_store_mb)
-    pool = start_pool(job.data)
     actors: list[Any] = []
-    try:
-        store = start_weight_store()
-        oracle = start_oracle(
-            job.model, job.rl.oracle, seed=job.run.seed, store=store, pin_cpus=job.rl.pin_cpus
-        )
-        actors += [store, oracle]
-        runner = start_rl_runner(job, pool, store, oracle)
-        actors.append(runner)
-        rl_run = runner.run.remote()
+    with chunk_servers(job.data, job.ray) as pool:
         try:
-            result = fit(task_class, job, extras={"pool": pool, "store": store})
+            store = start_weight_store()
+            oracle = start_oracle(
+                job.model, job.rl.oracle, seed=job.run.seed, store=store, pin_cpus=job.rl.pin_cpus
+            )
+            actors += [store, oracle]
+            runner = start_rl_runner(job, pool, store, oracle)
+            actors.append(runner)
+            rl_run = runner.run.remote()
+            try:
+                result = fit(task_class, job, extras={"pool": pool, "store": store})
+            finally:
+                runner.stop.remote()
+            try:
+                summary = ray.get(rl_run)
+            except ray.exceptions.RayError as err:
+                raise DbMiMError(
+                    f"the MIM run finished (checkpoint {result.checkpoint}) but the RL side failed: "
+                    f"{err}; rerun with the same run.name to resume both sides"
+                ) from err
+            result.metrics.update({f"rl/{k}": v for k, v in summary.items()})
+            return result
         finally:
-            runner.stop.remote()
-        try:
-            summary = ray.get(rl_run)
-        except ray.exceptions.RayError as err:
-            raise DbMiMError(
-                f"the MIM run finished (checkpoint {result.checkpoint}) but the RL side failed: "
-                f"{err}; rerun with the same run.name to resume both sides"
-            ) from err
-        result.metrics.update({f"rl/{k}": v for k, v in summary.items()})
-        return result
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        pool.shutdown()
+            for actor in actors:
+                ray.kill(actor)

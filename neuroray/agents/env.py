@@ -19,7 +19,7 @@ global context), the patch centre (z, y, x) in (0, 1), and [mean, log std, log g
 
 **Action**: ``Discrete(2)``, 1 = mask the patch, 0 = keep it visible.
 
-**Reward** of agent i in crop c (``RewardConfig``)::
+**Reward** of agent i in crop c (``RewardSettings``)::
 
     r_i = s * (w_team * T_c + w_agent * m_i * l_i)  -  w_ratio * N * max(0, d(rho_c) - d(rho_c^-i))
 
@@ -72,7 +72,7 @@ class EnvError(NeurorayError):
 
 
 # ---------------------------------------------------------------------- reward
-class RewardConfig(StrictModel):
+class RewardSettings(StrictModel):
     """The reward of the masking game (definition in the module docstring)."""
 
     mode: Literal["harder", "easier"] = "harder"
@@ -85,7 +85,7 @@ class RewardConfig(StrictModel):
     loss, so the band holds."""
 
     @model_validator(mode="after")
-    def _band(self) -> RewardConfig:
+    def _band(self) -> RewardSettings:
         lo, hi = self.ratio_band
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"ratio_band must satisfy 0 <= lo <= hi <= 1, got {self.ratio_band}")
@@ -99,7 +99,7 @@ def ratio_penalty(ratio: np.ndarray, band: tuple[float, float]) -> np.ndarray:
 
 
 def masking_rewards(
-    per_patch: np.ndarray, masks: np.ndarray, team: np.ndarray, config: RewardConfig
+    per_patch: np.ndarray, masks: np.ndarray, team: np.ndarray, config: RewardSettings
 ) -> np.ndarray:
     """Rewards [B, N] of every agent from per-patch losses [B, N], masks [B, N] and team [B]."""
     masks = masks.reshape(len(masks), -1).astype(np.float64)
@@ -120,7 +120,7 @@ class EnvSettings(StrictModel):
 
     crops_per_episode: int = Field(4, ge=1)
     """Crops played side by side per episode: one oracle call per B crops."""
-    reward: RewardConfig = RewardConfig()
+    reward: RewardSettings = RewardSettings()
     prefetch: bool = True
     """Ask the oracle for the next crops' observations while RLlib digests this step."""
 

@@ -70,7 +70,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_NAME = "vit2d.safetensors"
 
 
-class Pretrain2DConfig(StrictModel):
+class Pretrain2DJob(StrictModel):
     """A 2D MAE pretraining run on the bundled photographs.
 
     Defaults: 64 px crops, 16 px patches, width 192, depth 6, 3 heads, 300 steps of 32 crops,
@@ -119,7 +119,7 @@ class Pretrain2DConfig(StrictModel):
         return names
 
     @model_validator(mode="after")
-    def _check(self) -> Pretrain2DConfig:
+    def _check(self) -> Pretrain2DJob:
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be a multiple of {self.patch_size}")
         if self.width % self.heads or self.decoder_width % self.decoder_heads:
@@ -168,7 +168,7 @@ def load_photo(name: str) -> np.ndarray:
 
 def photo_batches(
     images: Sequence[np.ndarray],
-    cfg: Pretrain2DConfig,
+    cfg: Pretrain2DJob,
     generator: torch.Generator,
 ) -> Iterator[Tensor]:
     """Endless normalised batches [B, 3, S, S]: random resized crop, flip, jitter, greyscale."""
@@ -209,7 +209,7 @@ def random_masking(
 class MAE2D(nn.Module):
     """MAE around a timm VisionTransformer encoder (saved alone, under timm's key names)."""
 
-    def __init__(self, cfg: Pretrain2DConfig) -> None:
+    def __init__(self, cfg: Pretrain2DJob) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = VisionTransformer(**cfg.model_args())
@@ -298,7 +298,7 @@ class Pretrain2DResult:
         )
 
 
-def _lr_at(step: int, cfg: Pretrain2DConfig) -> float:
+def _lr_at(step: int, cfg: Pretrain2DJob) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -318,14 +318,14 @@ def _save_atomic(directory: Path, name: str, write) -> Path:  # noqa: ANN001 - a
     return directory / name
 
 
-def pretrain_2d(cfg: Pretrain2DConfig | None = None, **overrides: object) -> Pretrain2DResult:
+def pretrain_2d(cfg: Pretrain2DJob | None = None, **overrides: object) -> Pretrain2DResult:
     """Pretrain the 2D ViT described by ``cfg`` (plus keyword overrides) and save it."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    cfg = cfg or Pretrain2DConfig()
+    cfg = cfg or Pretrain2DJob()
     if overrides:
-        cfg = Pretrain2DConfig.model_validate({**cfg.model_dump(), **overrides})
+        cfg = Pretrain2DJob.model_validate({**cfg.model_dump(), **overrides})
     previous_threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -390,9 +390,9 @@ def pretrain_2d(cfg: Pretrain2DConfig | None = None, **overrides: object) -> Pre
 
 #: For the CLI convention (``neuroray models pretrain-2d [CONFIG] [key=value ...]``): the job's
 #: config class and its runner, as the pretraining modules expose them.
-JOB_CLASS = Pretrain2DConfig
+JOB_CLASS = Pretrain2DJob
 
 
-def run_job(cfg: Pretrain2DConfig) -> Pretrain2DResult:
+def run_job(cfg: Pretrain2DJob) -> Pretrain2DResult:
     """Run a validated config (what the CLI calls); print ``result.summary()`` afterwards."""
     return pretrain_2d(cfg)

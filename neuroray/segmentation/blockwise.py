@@ -34,7 +34,7 @@ import ray
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from tqdm import tqdm
 
-from neuroray.config import RayConfig, StrictModel
+from neuroray.config import RaySettings, StrictModel
 from neuroray.errors import NeurorayError
 from neuroray.paths import InputPath, OutputPath, check_inputs, local_file
 from neuroray.platform.box import Box, chunk_grid
@@ -53,7 +53,7 @@ from neuroray.segmentation.tasks import TaskName, get_task
 BLOCK_ID_SHIFT = np.uint64(32)
 
 
-class SegmentConfig(StrictModel):
+class SegmentJob(StrictModel):
     """``neuroray segment``: which model, which image, where to write, and how to cut blocks."""
 
     checkpoint: InputPath | None = None
@@ -81,10 +81,10 @@ class SegmentConfig(StrictModel):
     fail_mode: Literal["before_write", "torn_write"] = "before_write"
     """How the ``fail_on_blocks`` workers die: before writing anything, or mid-write, leaving
     their output chunk truncated on disk (a torn chunk) and no completion marker."""
-    ray: RayConfig = RayConfig()
+    ray: RaySettings = RaySettings()
 
     @model_validator(mode="after")
-    def _roi_not_empty(self) -> SegmentConfig:
+    def _roi_not_empty(self) -> SegmentJob:
         if self.roi is not None and any(
             a >= b for a, b in zip(self.roi[:3], self.roi[3:], strict=True)
         ):
@@ -146,7 +146,7 @@ def _blocks(bounds: Box, block_shape: Sequence[int]) -> list[Box]:
 
 
 def _fail_once(
-    config: SegmentConfig,
+    config: SegmentJob,
     block: int,
     url: str | None = None,
     box: Box | None = None,
@@ -187,7 +187,7 @@ def predict_block(
 
     from neuroray.segmentation.inference import predict_array
 
-    config = SegmentConfig.model_validate_json(config_json)
+    config = SegmentJob.model_validate_json(config_json)
     if index in config.fail_on_blocks:
         _fail_once(config, index)
     torch.set_num_threads(max(1, int(config.cpus_per_task)))
@@ -219,7 +219,7 @@ def agglomerate_block(
 ) -> int:
     from neuroray.segmentation.inference import segment_affinities
 
-    config = SegmentConfig.model_validate_json(config_json)
+    config = SegmentJob.model_validate_json(config_json)
     if index in config.fail_on_blocks and config.affinities is not None:
         _fail_once(config, index)
     affinities = open_volume(affs_url)
@@ -260,7 +260,7 @@ def relabel_block(
     seg_url: str,
     mapping_ref: Any,
 ) -> int:
-    config = SegmentConfig.model_validate_json(config_json)
+    config = SegmentJob.model_validate_json(config_json)
     core = Box.from_list(box_list)
     keys, values = mapping_ref
     labels = open_volume(blocks_url).read(core)
@@ -275,7 +275,7 @@ def relabel_block(
 def threshold_block(
     config_json: str, index: int, box_list: list[int], probs_url: str, seg_url: str
 ) -> int:
-    config = SegmentConfig.model_validate_json(config_json)
+    config = SegmentJob.model_validate_json(config_json)
     core = Box.from_list(box_list)
     probs = open_volume(probs_url).read(core)
     open_volume(seg_url, "r+").write(core, (probs > config.threshold * 255).astype(np.uint8))
@@ -355,7 +355,7 @@ def _checkpoint_identity(checkpoint: str) -> dict[str, Any]:
     return file_identity(path / "model.pt" if path.is_dir() else path)
 
 
-def fingerprint(config: SegmentConfig, task: str) -> dict[str, Any]:
+def fingerprint(config: SegmentJob, task: str) -> dict[str, Any]:
     """What the output's predictions and its segmentation depend on (see provenance.py)."""
     prediction = None
     if config.affinities is None:
@@ -440,7 +440,7 @@ def _run_stage(
     return StageReport(name, len(todo), len(blocks) - len(todo), time.perf_counter() - started)
 
 
-def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
+def segment(config: SegmentJob, progress: bool = True) -> SegmentResult:
     """Run the stages of the module docstring; returns the layers written and per-stage counts."""
     from neuroray.runtime import connect_to
 
@@ -544,7 +544,7 @@ def segment(config: SegmentConfig, progress: bool = True) -> SegmentResult:
     return SegmentResult(str(out), layers, stages, bounds.size)
 
 
-def _bounds(config: SegmentConfig, volume_bounds: Box) -> Box:
+def _bounds(config: SegmentJob, volume_bounds: Box) -> Box:
     if config.roi is None:
         return volume_bounds
     roi = Box.from_list(config.roi).intersect(volume_bounds)

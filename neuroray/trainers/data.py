@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from neuroray.config import RayConfig, StrictModel
+from neuroray.config import RaySettings, StrictModel
 from neuroray.errors import NeurorayError
 from neuroray.paths import InputPath
 from neuroray.platform.augment import PipelineSpec, build_pipeline, default_pipeline
@@ -117,7 +117,7 @@ def check_crop_matches_model(data: DataSettings, img_size: tuple[int, ...]) -> N
 
 
 @contextlib.contextmanager
-def chunk_servers(data: DataSettings, ray: RayConfig | None = None) -> Iterator[ServerPool]:
+def chunk_servers(data: DataSettings, ray: RaySettings | None = None) -> Iterator[ServerPool]:
     """Connect to Ray as ``ray`` says (skipped when None: the caller has connected), start the
     chunk servers for ``data``, and shut them down when the block ends, however it ends::
 

@@ -27,7 +27,7 @@ from torch import nn
 from neuroray.errors import NeurorayError
 from neuroray.models.policy import FeatureSource, patch_observations
 from neuroray.preview import grid, to_grey
-from neuroray.trainers.pretrain import MAETask, PretrainJob, mae_preview
+from neuroray.trainers.pretrain import MAEJob, MAETask, mae_preview
 from neuroray.trainers.weights import (
     MIM_CHANNEL,
     POLICY_CHANNEL,
@@ -91,9 +91,9 @@ class DbMiMTask(MAETask):
     """MAE whose masks come from the newest published policy; rank 0 publishes MIM weights."""
 
     kind = "dbmim"
-    job: PretrainJob  # a neuroray.agents.config.DbMiMJob: a PretrainJob plus ``rl``
+    job: MAEJob  # a neuroray.agents.config.DbMiMJob: a MAEJob plus ``rl``
 
-    def __init__(self, job: PretrainJob, worker: Any) -> None:
+    def __init__(self, job: MAEJob, worker: Any) -> None:
         super().__init__(job, worker)
         self.store = worker.extras.get("store")
         self.policy: nn.Module | None = None

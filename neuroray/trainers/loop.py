@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from neuroray.config import RayConfig, StrictModel
+from neuroray.config import RaySettings, StrictModel
 from neuroray.errors import NeurorayError
 from neuroray.models.checkpoint import (
     load_model_checkpoint as load_model_checkpoint,  # re-exported: the contract is in models/
@@ -42,7 +42,7 @@ from neuroray.models.checkpoint import load_tensors, write_model_file
 from neuroray.paths import OutputPath, RunName, is_remote
 
 
-class OptimConfig(StrictModel):
+class OptimSettings(StrictModel):
     """AdamW with linear warmup then cosine decay to ``min_lr``."""
 
     lr: float = Field(1.5e-4, gt=0)
@@ -100,8 +100,8 @@ class TrainJob(StrictModel):
     """Fields every training job has; concrete jobs add model, data and task sections."""
 
     run: RunSettings = RunSettings()
-    optim: OptimConfig = OptimConfig()
-    ray: RayConfig = RayConfig()
+    optim: OptimSettings = OptimSettings()
+    ray: RaySettings = RaySettings()
 
 
 def absolute_storage(path: str) -> str:
@@ -188,7 +188,7 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def warmup_cosine(optim: OptimConfig, total_steps: int):
+def warmup_cosine(optim: OptimSettings, total_steps: int):
     """LR multiplier per step: linear warmup, then cosine from lr down to min_lr."""
     floor = optim.min_lr / optim.lr
 

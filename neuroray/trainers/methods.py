@@ -12,9 +12,9 @@ A method registers a *loader* that imports its home on first use, so that listin
 
     @register_method("mae", help="MAE-3D with random / tube / block masking")
     def _mae():
-        from neuroray.trainers.pretrain import PretrainJob, pretrain
+        from neuroray.trainers.pretrain import MAEJob, pretrain
 
-        return PretrainJob, pretrain
+        return MAEJob, pretrain
 
 The methods whose home is this layer (``mae``, ``mscon``) are registered below. dbMiM's home is
 the RL side, which registers ``dbmim`` in :mod:`neuroray.agents` (its package ``__init__``, so the
@@ -75,9 +75,9 @@ def register_method(name: str, *, help: str) -> Callable[[Loader], Loader]:  # n
 # ---------------------------------------------------------------------- this layer's methods
 @register_method("mae", help="MAE-3D with random / tube / block masking")
 def _mae() -> tuple[type[TrainJob], RunFn]:
-    from neuroray.trainers.pretrain import PretrainJob, pretrain
+    from neuroray.trainers.pretrain import MAEJob, pretrain
 
-    return PretrainJob, pretrain
+    return MAEJob, pretrain
 
 
 @register_method("mscon", help="MS-Con: Siamese multiscale consistency")

@@ -28,7 +28,7 @@ from neuroray.trainers.data import (
 from neuroray.trainers.loop import TrainJob, TrainTask
 
 
-class PretrainJob(TrainJob):
+class MAEJob(TrainJob):
     """An MAE-style pretraining job: data, model, masking, optimiser, run."""
 
     data: DataSettings
@@ -36,7 +36,7 @@ class PretrainJob(TrainJob):
     masking: MaskerSpec = RandomMasker(ratio=0.75)
 
     @model_validator(mode="after")
-    def _crop_matches_model(self) -> PretrainJob:
+    def _crop_matches_model(self) -> MAEJob:
         check_crop_matches_model(self.data, self.model.encoder.img_size)
         return self
 
@@ -45,7 +45,7 @@ class MAETask(TrainTask):
     """MAE-3D on served crops with a masker from the config."""
 
     kind = "mae"
-    job: PretrainJob
+    job: MAEJob
 
     def build_model(self) -> nn.Module:
         return build_mae3d(self.job.model)
@@ -114,10 +114,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def pretrain(job: PretrainJob, task_class: type[TrainTask] = MAETask) -> Any:
+def pretrain(job: MAEJob, task_class: type[TrainTask] = MAETask) -> Any:
     """Start chunk servers for ``job.data`` and run the pretraining; returns Ray's Result.
 
     ``neuroray pretrain mae`` runs this with the default task (see :mod:`neuroray.trainers.methods`).
     """
     return run_with_pool(task_class, job)
-

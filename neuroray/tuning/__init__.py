@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from neuroray.tuning.sweeps import SweepConfig, SweepResult, prepare_sweep, tune_sweep
+from neuroray.tuning.sweeps import SweepJob, SweepResult, prepare_sweep, tune_sweep
 
-__all__ = ["SweepConfig", "SweepResult", "prepare_sweep", "tune_sweep"]
+__all__ = ["SweepJob", "SweepResult", "prepare_sweep", "tune_sweep"]

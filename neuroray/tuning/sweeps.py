@@ -58,7 +58,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from neuroray.config import RayConfig, StrictModel, dump_yaml, load_config
+from neuroray.config import RaySettings, StrictModel, dump_yaml, load_config
 from neuroray.config import validate as validate_config
 from neuroray.errors import ConfigError
 from neuroray.paths import InputPath, OutputPath, RunName
@@ -104,7 +104,7 @@ class SchedulerSettings(StrictModel):
     brackets: int = Field(1, ge=1)
 
 
-class SweepConfig(StrictModel):
+class SweepJob(StrictModel):
     """A hyperparameter sweep over one fine-tuning job."""
 
     name: RunName = "sweep"
@@ -138,7 +138,7 @@ class SweepConfig(StrictModel):
     best_config: OutputPath | None = None
     """Where to write the best job YAML; default <storage_path>/<name>/best_job.yaml (local),
     ./<name>_best_job.yaml (remote storage)."""
-    ray: RayConfig = RayConfig()
+    ray: RaySettings = RaySettings()
 
     def experiment_path(self) -> str:
         return f"{absolute_storage(self.storage_path)}/{self.name}"
@@ -163,7 +163,7 @@ class SweepConfig(StrictModel):
 class PreparedSweep:
     """A sweep with its job loaded and everything checked, before any trial starts."""
 
-    config: SweepConfig
+    config: SweepJob
     job: FinetuneJob
     metric: str
     mode: Literal["min", "max"]
@@ -174,7 +174,7 @@ class PreparedSweep:
         return self.job.model_dump(mode="json")
 
 
-def prepare_sweep(config: SweepConfig) -> PreparedSweep:
+def prepare_sweep(config: SweepJob) -> PreparedSweep:
     """Load the job, pick the metric, and validate every search-space key against the job."""
     job = load_config(FinetuneJob, config.job, job_overrides(config.overrides))
     task = get_task(job.task)
@@ -219,7 +219,7 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     return PreparedSweep(config, job, metric, mode, shares_pool)
 
 
-def _absolute_paths_in(config: SweepConfig, data: dict[str, Any]) -> dict[str, Any]:
+def _absolute_paths_in(config: SweepJob, data: dict[str, Any]) -> dict[str, Any]:
     """The search space with local paths among its values made absolute here, in the driver:
     trials build their jobs inside Tune's workers, whose working directory is not the user's."""
 
@@ -421,7 +421,7 @@ def _run_tuner(
     return _summarise(sweep, tuner.fit())
 
 
-def tune_sweep(config: SweepConfig) -> SweepResult:
+def tune_sweep(config: SweepJob) -> SweepResult:
     """Run (or resume) a sweep and write the best trial's job as a ready-to-run YAML."""
     import ray
     from ray import tune
@@ -488,9 +488,9 @@ def tune_sweep(config: SweepConfig) -> SweepResult:
     return result
 
 
-JOB_CLASS = SweepConfig
+JOB_CLASS = SweepJob
 
 
-def run_job(config: SweepConfig) -> SweepResult:
+def run_job(config: SweepJob) -> SweepResult:
     """The CLI's entry point (``neuroray tune CONFIG [key=value ...]``)."""
     return tune_sweep(config)
