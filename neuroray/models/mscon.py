@@ -18,7 +18,7 @@ Its loss has three parts (METHODS.md section 2):
   (:func:`info_nce`) at temperature 0.1: a token's positive is the same channel of the same level
   in the other view of the same crop; its negatives are every other channel (all levels) of the
   other view and every channel of the other samples in the batch. The published loss had no
-  negatives and was minimised as well by all similarities being -1 (see tests/test_mscon.py).
+  negatives and was minimised as well by all similarities being -1 (see tests/models/test_mscon.py).
 - **cross-attention consistency**: one ``nn.MultiheadAttention`` (shared by both directions)
   lets each view's tokens attend to the other's; each view's tokens should agree with their
   cross-attended version (:func:`consistency`). One term per direction. By default the

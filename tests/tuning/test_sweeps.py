@@ -28,7 +28,7 @@ from neuroray.tuning.space import (
 )
 from neuroray.tuning.sweeps import SweepJob, prepare_sweep, tune_sweep
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENCODER = {
     "size": None,
     "width": 48,

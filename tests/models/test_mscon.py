@@ -27,7 +27,7 @@ from neuroray.platform.volume import open_volume
 from neuroray.trainers.mscon import MSConJob, draw_views
 
 CROP = (8, 32, 32)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from neuroray.trainers.weights import (
     start_weight_store,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CROP, PATCH, WIDTH, N = (8, 64, 64), (4, 16, 16), 32, 32
 
 

@@ -12,7 +12,7 @@ from neuroray.config import load_config
 from neuroray.errors import RegistryError
 from neuroray.trainers.loop import TrainJob
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 METHODS = pretrain_methods()
 
 
