@@ -14,13 +14,14 @@
 
 Resumable: each finished block of each stage leaves a marker (after its data is written), and
 a rerun skips marked blocks. A failed block fails the job loudly, naming the blocks, after the
-other blocks finish; a rerun then does only what is missing.
+other blocks finish; a rerun then does only what is missing. Markers, the output's fingerprint
+and its layers are :mod:`neuroray.segmentation.block_output`; stitching is
+:mod:`neuroray.segmentation.stitch`.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -38,16 +39,15 @@ from neuroray.config import RaySettings, StrictModel
 from neuroray.errors import NeurorayError
 from neuroray.paths import InputPath, OutputPath, check_inputs, local_file
 from neuroray.platform.box import Box, chunk_grid
-from neuroray.platform.provenance import (
-    differences,
-    file_identity,
-    local_dir,
-    read_fingerprint,
-    source_identity,
-    write_fingerprint,
+from neuroray.platform.storage import put_atomic
+from neuroray.platform.volume import open_volume
+from neuroray.segmentation.block_output import (
+    Markers,
+    ensure_layer,
+    fingerprint,
+    prepare_output,
 )
-from neuroray.platform.storage import put_atomic, remove_tree
-from neuroray.platform.volume import create_volume, open_volume
+from neuroray.segmentation.stitch import stitch
 from neuroray.segmentation.tasks import TaskName, get_task
 
 BLOCK_ID_SHIFT = np.uint64(32)
@@ -113,20 +113,6 @@ class SegmentResult:
             for s in self.stages
         ]
         return f"{self.output}: " + "; ".join(parts)
-
-
-# ---------------------------------------------------------------------- markers
-class Markers:
-    """Per-stage, per-block completion markers under ``<output>/.neuroray/blockwise``."""
-
-    def __init__(self, output: str) -> None:
-        self.root = Path(output) / ".neuroray" / "blockwise"
-
-    def done(self, stage: str, block: int) -> bool:
-        return (self.root / stage / f"{block}.json").exists()
-
-    def mark(self, stage: str, block: int, info: dict[str, Any] | None = None) -> None:
-        put_atomic(f"file://{self.root / stage}", f"{block}.json", json.dumps(info or {}).encode())
 
 
 # ---------------------------------------------------------------------- model loading in tasks
@@ -283,132 +269,6 @@ def threshold_block(
     return index
 
 
-# ---------------------------------------------------------------------- stitching
-def stitch(output: str, blocks: list[Box], blocks_url: str) -> tuple[np.ndarray, np.ndarray]:
-    """Merge segments across block faces; returns (block ids, final consecutive ids)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    labelled = open_volume(blocks_url)
-    halo_dir = Markers(output).root / "halos"
-    pairs = []
-    ids: set[int] = set()
-    for index, _ in enumerate(blocks):
-        with np.load(halo_dir / f"{index}.npz") as halos:
-            for axis in range(3):
-                if f"{axis}" not in halos:
-                    continue
-                theirs = halos[f"{axis}"]
-                slab = Box.from_list(halos[f"{axis}_box"].tolist())
-                ours = labelled.read(slab)
-                pairs.append(_majority_pairs(theirs, ours))
-            ids.update(halos["ids"].tolist())
-    ids.discard(0)
-    all_ids = np.asarray(sorted(ids), dtype=np.uint64)
-    position = {int(v): i for i, v in enumerate(all_ids)}
-    edges = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64)
-    edges = np.asarray(
-        [
-            (position[int(a)], position[int(b)])
-            for a, b in edges
-            if int(a) in position and int(b) in position
-        ],
-        dtype=np.int64,
-    ).reshape(-1, 2)
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(all_ids),) * 2)
-    _, component = connected_components(graph, directed=False)
-    return all_ids, (component + 1).astype(np.uint64)
-
-
-def _majority_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairs (id in a, id in b) that are each other's largest overlap (both non-zero)."""
-    both = (a != 0) & (b != 0)
-    if not both.any():
-        return np.zeros((0, 2), np.uint64)
-    pairs, counts = np.unique(np.stack([a[both], b[both]], axis=1), axis=0, return_counts=True)
-    best_for_a: dict[int, tuple[int, int]] = {}
-    best_for_b: dict[int, tuple[int, int]] = {}
-    for (x, y), n in zip(pairs.tolist(), counts.tolist(), strict=True):
-        if n > best_for_a.get(x, (0, 0))[0]:
-            best_for_a[x] = (n, y)
-        if n > best_for_b.get(y, (0, 0))[0]:
-            best_for_b[y] = (n, x)
-    mutual = [(x, y) for x, (_, y) in best_for_a.items() if best_for_b.get(y, (0, None))[1] == x]
-    return np.asarray(mutual, dtype=np.uint64).reshape(-1, 2)
-
-
-# ---------------------------------------------------------------------- what an output holds
-PREDICTION_LAYERS = ("affinities", "probabilities")
-SEGMENTATION_LAYERS = ("blocks", "segmentation")
-LATER_STAGES = ("agglomerate", "halos", "relabel", "threshold", "mapping.npz")
-
-
-def _checkpoint_identity(checkpoint: str) -> dict[str, Any]:
-    """The model file a checkpoint argument resolves to now (a run's newest checkpoint)."""
-    from neuroray.models.checkpoint import latest_checkpoint
-
-    path = local_file(checkpoint)
-    if path is None:
-        return {"url": checkpoint}
-    if path.is_dir() and not (path / "model.pt").exists():
-        path = latest_checkpoint(path)
-    return file_identity(path / "model.pt" if path.is_dir() else path)
-
-
-def fingerprint(config: SegmentJob, task: str) -> dict[str, Any]:
-    """What the output's predictions and its segmentation depend on (see provenance.py)."""
-    prediction = None
-    if config.affinities is None:
-        prediction = {
-            "checkpoint": _checkpoint_identity(config.checkpoint),
-            "image": source_identity(config.image),
-            "roi": config.roi,
-            "block_shape": list(config.block_shape),
-            "context": config.context,
-        }
-    segmentation = {
-        "affinities": source_identity(config.affinities) if config.affinities else None,
-        "roi": config.roi,
-        "block_shape": list(config.block_shape),
-        "halo": list(config.halo),
-        "threshold": config.threshold,
-        "task": task,
-    }
-    return json.loads(json.dumps({"predict": prediction, "segment": segmentation}))
-
-
-def prepare_output(out: Path, wanted: dict[str, Any], *, overwrite: bool) -> None:
-    """Resume an output with the same fingerprint; refuse another unless ``overwrite``, which
-    clears what is stale (only the segmentation stages when the predictions still hold)."""
-    root = out / ".neuroray"
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not root.is_dir()):
-        raise NeurorayError(
-            f"output {out} holds files that `neuroray segment` did not write; "
-            "choose a new or empty folder"
-        )
-    found = read_fingerprint(local_dir(out))
-    if found is None and (root / "blockwise").is_dir() and not overwrite:
-        raise NeurorayError(
-            f"output {out} holds blocks with no record of what made them; pass overwrite=true"
-        )
-    found = found or {}
-    stale_prediction = found.get("predict") != wanted["predict"]
-    stale_segmentation = stale_prediction or found.get("segment") != wanted["segment"]
-    if found and stale_segmentation and not overwrite:
-        changed = differences(found, wanted)
-        raise NeurorayError(
-            f"output {out} was written with other inputs or settings ({'; '.join(changed[:3])}); "
-            "pass overwrite=true to redo it, or choose another output"
-        )
-    if overwrite:
-        stale = [*SEGMENTATION_LAYERS, *(f".neuroray/blockwise/{s}" for s in LATER_STAGES)]
-        if wanted["predict"] is not None and stale_prediction:
-            stale += [*PREDICTION_LAYERS, ".neuroray/blockwise"]
-        for name in stale:
-            remove_tree(local_dir(out / name))
-    write_fingerprint(local_dir(out), wanted)
-
-
 # ---------------------------------------------------------------------- the driver
 def _run_stage(
     name: str,
@@ -470,7 +330,7 @@ def segment(config: SegmentJob, progress: bool = True) -> SegmentResult:
     if config.affinities is None:
         pred_name = get_task(task).prediction_layer
         pred_url = str(out / pred_name)
-        _ensure_layer(pred_url, image, config.block_shape, "uint8", job.out_channels, "image")
+        ensure_layer(pred_url, image, config.block_shape, "uint8", job.out_channels, "image")
         weights_ref = ray.put((model, job))
         remote = ray.remote(predict_block).options(**task_options)
         stages.append(
@@ -492,7 +352,7 @@ def segment(config: SegmentJob, progress: bool = True) -> SegmentResult:
     seg_url = str(out / "segmentation")
     if get_task(task).instances:  # agglomerate blocks, stitch them, relabel
         blocks_url = str(out / "blocks")
-        _ensure_layer(blocks_url, reference, config.block_shape, "uint64", 1, "segmentation")
+        ensure_layer(blocks_url, reference, config.block_shape, "uint64", 1, "segmentation")
         remote = ray.remote(agglomerate_block).options(**task_options)
         stages.append(
             _run_stage(
@@ -515,7 +375,7 @@ def segment(config: SegmentJob, progress: bool = True) -> SegmentResult:
         with np.load(mapping_path) as saved:
             mapping_ref = ray.put((saved["keys"], saved["values"]))
         stages.append(StageReport("stitch", 1, 0, time.perf_counter() - t0))
-        _ensure_layer(seg_url, reference, config.block_shape, "uint64", 1, "segmentation")
+        ensure_layer(seg_url, reference, config.block_shape, "uint64", 1, "segmentation")
         remote = ray.remote(relabel_block).options(**task_options)
         stages.append(
             _run_stage(
@@ -529,7 +389,7 @@ def segment(config: SegmentJob, progress: bool = True) -> SegmentResult:
             )
         )
     else:
-        _ensure_layer(seg_url, reference, config.block_shape, "uint8", 1, "segmentation")
+        ensure_layer(seg_url, reference, config.block_shape, "uint8", 1, "segmentation")
         remote = ray.remote(threshold_block).options(**task_options)
         stages.append(
             _run_stage(
@@ -554,35 +414,3 @@ def _bounds(config: SegmentJob, volume_bounds: Box) -> Box:
             f"a multiple of block_shape {config.block_shape} (output chunks are blocks)"
         )
     return roi
-
-
-def _ensure_layer(
-    url: str,
-    like: Any,
-    block_shape: Sequence[int],
-    dtype: str,
-    channels: int,
-    layer_type: str,
-) -> None:
-    """Create an output layer shaped like the input (one chunk per block) unless resuming."""
-    try:
-        existing = open_volume(url)
-    except NeurorayError:
-        existing = None
-    if existing is not None:
-        if existing.shape != like.shape or existing.num_channels != channels:
-            raise NeurorayError(
-                f"{url} exists with another shape; use a new output or overwrite=true"
-            )
-        return
-    create_volume(
-        url,
-        shape=like.shape,
-        dtype=dtype,
-        chunk_shape=block_shape,
-        voxel_size=like.voxel_size,
-        layer_type=layer_type,
-        num_channels=channels,
-        overwrite=True,
-        format="precomputed",
-    )
