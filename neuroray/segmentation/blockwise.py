@@ -38,6 +38,7 @@ from tqdm import tqdm
 from neuroray.config import RaySettings, StrictModel
 from neuroray.errors import NeurorayError
 from neuroray.paths import InputPath, OutputPath, check_inputs, local_file
+from neuroray.platform.augment import as_float_image
 from neuroray.platform.box import Box, chunk_grid
 from neuroray.platform.storage import put_atomic
 from neuroray.platform.volume import open_volume
@@ -184,7 +185,7 @@ def predict_block(
     core = Box.from_list(box_list)
     region = core.grow(context).intersect(image.bounds)
     data = image.read(region)
-    data = data.astype(np.float32) / (np.iinfo(data.dtype).max if data.dtype.kind == "u" else 1.0)
+    data = as_float_image(data)
     probs = predict_array(model, data, window)
     core_probs = probs[(slice(None), *core.relative_to(region))]
     quantised = np.clip(np.rint(core_probs * 255), 0, 255).astype(np.uint8)

@@ -27,6 +27,7 @@ from torch import nn
 from neuroray.errors import NeurorayError
 from neuroray.models.policy import FeatureSource, patch_observations
 from neuroray.preview import grid, to_grey
+from neuroray.trainers.loop import unwrap
 from neuroray.trainers.pretrain import MAEJob, MAETask, mae_preview
 from neuroray.trainers.weights import (
     MIM_CHANNEL,
@@ -165,7 +166,7 @@ class DbMiMTask(MAETask):
         """The policy's probability of masking each patch of each crop, [B, Nz, Ny, Nx]."""
         if self.policy is None:
             return None
-        raw = _unwrap(model)
+        raw = unwrap(model)
         with torch.autocast(device_type=image.device.type, enabled=False):  # fp32 probabilities
             obs = patch_observations(raw, image.float(), self.rl.oracle.feature_source)
             probs = self.policy.mask_probability(obs).float().cpu().numpy().astype(np.float64)
@@ -207,12 +208,8 @@ class DbMiMTask(MAETask):
         previews = {"pretrain/input_mask_reconstruction": mae_preview(model, image, mask)}
         if probs is not None:
             volume = image[0, 0].float().cpu().numpy()
-            patch = _unwrap(model).encoder.patch_size
+            patch = unwrap(model).encoder.patch_size
             previews["pretrain/mask_probability"] = probability_preview(
                 volume, probs[0], patch, mask[0]
             )
         return previews
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model

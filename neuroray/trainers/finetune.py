@@ -22,6 +22,7 @@ from torch import nn
 
 from neuroray.models.segmenter import SegmenterConfig, build_segmenter
 from neuroray.models.unetr import param_groups_lrd
+from neuroray.platform.augment import as_float_image
 from neuroray.platform.box import Box
 from neuroray.platform.volume import open_volume
 from neuroray.preview import grid, overlay, to_grey
@@ -132,8 +133,7 @@ class SegmentationTask(TrainTask):
             image = open_volume(self.job.data.image)
             labels = open_volume(self.job.data.labels)
             self._val = (
-                image.read(box).astype(np.float32)
-                / np.float32(np.iinfo(image.dtype).max if image.dtype.kind == "u" else 1),
+                as_float_image(image.read(box)),
                 labels.read(box),
                 image.voxel_size,
             )

@@ -111,6 +111,11 @@ def absolute_storage(path: str) -> str:
     return str(Path(path.removeprefix("file://")).expanduser().resolve())
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
 # ---------------------------------------------------------------------- the task interface
 class WorkerInfo:
     """Where this copy of the loop runs."""
@@ -277,7 +282,7 @@ def run_worker(task: TrainTask) -> None:
     model = (
         ray.train.torch.prepare_model(model) if worker.world_size > 1 else model.to(worker.device)
     )
-    raw_model = model.module if hasattr(model, "module") else model
+    raw_model = unwrap(model)
     optimizer = torch.optim.AdamW(task.param_groups(raw_model), lr=optim.lr, betas=optim.betas)
     schedule = warmup_cosine(optim, run.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -25,7 +25,7 @@ from neuroray.trainers.data import (
     crop_batches,
     run_with_pool,
 )
-from neuroray.trainers.loop import TrainJob, TrainTask
+from neuroray.trainers.loop import TrainJob, TrainTask, unwrap
 
 
 class MAEJob(TrainJob):
@@ -66,7 +66,7 @@ class MAETask(TrainTask):
         )
 
     def token_grid(self, model: nn.Module) -> tuple[int, int, int]:
-        encoder = _unwrap(model).encoder
+        encoder = unwrap(model).encoder
         return tuple(
             s // p for s, p in zip(self.job.model.encoder.img_size, encoder.patch_size, strict=True)
         )
@@ -108,10 +108,6 @@ def mae_preview(model: MAE3D, image: torch.Tensor, mask: np.ndarray) -> np.ndarr
     hidden = np.where(voxel_mask, volume[z] * 0.25, volume[z])
     tiles = [to_grey(volume[z]), to_grey(hidden), to_grey(recon[0, 0, z].cpu().numpy())]
     return grid(tiles)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def pretrain(job: MAEJob, task_class: type[TrainTask] = MAETask) -> Any:
