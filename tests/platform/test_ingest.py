@@ -1,6 +1,9 @@
-"""Ingest: real EM files round-trip bit-identically; manifests are right; reruns resume."""
+"""Ingest: EM files (real, or synthetic without ../shared) round-trip bit-identically; manifests
+are right; reruns resume."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,9 +15,9 @@ from neuroray.platform.ingest import ingest, manifest_boxes, read_manifest
 from neuroray.platform.volume import open_volume
 
 
-def _em_datasets(data_dir):
+def _em_datasets(paths):
     found = []
-    for path in sorted((data_dir / "em").glob("*.h5")):
+    for path in paths:
         with h5py.File(path) as f:
             f.visititems(
                 lambda name, obj, p=path: (
@@ -25,9 +28,13 @@ def _em_datasets(data_dir):
 
 
 @pytest.mark.parametrize("suffix", ["", ".zarr"], ids=["precomputed", "zarr3"])
-def test_every_real_em_dataset_round_trips(data_dir, tmp_path, suffix):
-    urls = _em_datasets(data_dir)
-    assert len(urls) >= 12  # every dataset of the 5 EM files
+def test_every_em_dataset_round_trips(em_volume, tmp_path, suffix):
+    folder = Path(em_volume.raw.split("#")[0]).parent
+    urls = _em_datasets(sorted(folder.glob("*.h5")))
+    if em_volume.real:
+        assert len(urls) >= 12  # every dataset of the 5 EM files
+    else:
+        assert len(urls) >= 3  # raw, labels, mito of each synthetic file
     for i, url in enumerate(urls):
         source = h5py.File(url.split("#")[0])[url.split("#")[1]][()]
         labels = source.dtype == np.uint32
@@ -42,8 +49,8 @@ def test_every_real_em_dataset_round_trips(data_dir, tmp_path, suffix):
         np.testing.assert_array_equal(layer[:], source, err_msg=url)
 
 
-def test_manifest_matches_numpy(data_dir, tmp_path):
-    url = f"{data_dir}/em/fib_gala_train.h5#labels"
+def test_manifest_matches_numpy(em_volume, tmp_path):
+    url = em_volume.labels
     labels = open_volume(url)[:]
     ingest(url, str(tmp_path / "labels"), chunk_shape=(16, 32, 64), progress=False)
     table = read_manifest(str(tmp_path / "labels"))
@@ -58,7 +65,7 @@ def test_manifest_matches_numpy(data_dir, tmp_path):
         chunk = labels[box.slices]
         assert fg == pytest.approx(np.count_nonzero(chunk) / chunk.size)
         assert n_ids == len(set(np.unique(chunk)) - {0})
-    raw_url = f"{data_dir}/em/fib_gala_train.h5#raw"
+    raw_url = em_volume.raw
     raw = open_volume(raw_url)[:]
     ingest(raw_url, str(tmp_path / "raw.zarr"), chunk_shape=(16, 32, 64), progress=False)
     table = read_manifest(str(tmp_path / "raw.zarr"))
@@ -76,8 +83,8 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_ingest_resumes_without_rewriting(data_dir, tmp_path):
-    url = f"{data_dir}/em/fib_gala_train.h5#raw"
+def test_interrupted_ingest_resumes_without_rewriting(em_volume, tmp_path):
+    url = em_volume.raw
     dst = tmp_path / "raw"
     done = []
 
@@ -100,9 +107,9 @@ def test_interrupted_ingest_resumes_without_rewriting(data_dir, tmp_path):
     assert len(read_manifest(str(dst))) == 8
 
 
-def test_a_torn_chunk_without_marker_is_rewritten(data_dir, tmp_path):
+def test_a_torn_chunk_without_marker_is_rewritten(em_volume, tmp_path):
     """A chunk cut off mid-write has no (or a torn) marker, so a rerun writes it again."""
-    url = f"{data_dir}/em/fib_gala_train.h5#raw"
+    url = em_volume.raw
     dst = tmp_path / "raw"
     ingest(url, str(dst), chunk_shape=(25, 50, 100), progress=False)
     chunk = dst / "10_10_10" / "0-100_0-50_0-25.gz"
@@ -115,18 +122,19 @@ def test_a_torn_chunk_without_marker_is_rewritten(data_dir, tmp_path):
     np.testing.assert_array_equal(open_volume(dst)[:], open_volume(url)[:])
 
 
-def test_bad_inputs(tmp_path, data_dir):
+def test_bad_inputs(tmp_path, em_volume):
+    h5 = em_volume.raw.split("#")[0]
     floats = zarr.create_array(store=str(tmp_path / "f.zarr"), shape=(8, 8, 8), dtype="float32")
     floats[:] = 1.5
     with pytest.raises(VolumeError, match="labels must have an integer dtype.*float32"):
         ingest(str(tmp_path / "f.zarr"), str(tmp_path / "out"), labels=True, progress=False)
     with pytest.raises(VolumeError, match="no dataset 'nope'"):
-        ingest(f"{data_dir}/em/fib_gala_train.h5#nope", str(tmp_path / "o2"), progress=False)
+        ingest(f"{h5}#nope", str(tmp_path / "o2"), progress=False)
     with pytest.raises(VolumeError, match="precomputed layers or .zarr"):
-        ingest(f"{data_dir}/em/fib_gala_train.h5#raw", str(tmp_path / "o.h5"), progress=False)
-    ingest(f"{data_dir}/em/fib_gala_train.h5#raw", str(tmp_path / "o3"), progress=False)
+        ingest(em_volume.raw, str(tmp_path / "o.h5"), progress=False)
+    ingest(em_volume.raw, str(tmp_path / "o3"), progress=False)
     with pytest.raises(VolumeError, match="other inputs or settings.*layer_type.*--overwrite"):
-        ingest(f"{data_dir}/em/fib_gala_train.h5#labels", str(tmp_path / "o3"), progress=False)
+        ingest(em_volume.labels, str(tmp_path / "o3"), progress=False)
     negative = np.full((4, 4, 4), -3, np.int64)
     np.save(tmp_path / "neg.npy", negative)
     with pytest.raises(VolumeError, match="non-negative"):

@@ -1,4 +1,5 @@
-"""LM data path: TIFF + SWC -> aligned image / label layers with the real anisotropy, served."""
+"""LM data path: TIFF + SWC -> aligned image / label layers with the stack's anisotropy, served
+(DIADEM OP_1 where ../shared/data is, a synthetic stack and tracing otherwise)."""
 
 from __future__ import annotations
 
@@ -25,17 +26,31 @@ from neuroray.platform.volume import open_volume
 
 
 @pytest.fixture(scope="module")
-def op1_layers(data_dir, tmp_path_factory):
-    tif, swc = op_pairs(data_dir, [1])[0]
+def op1_layers(lm_stack, tmp_path_factory):
+    """DIADEM OP_1 (or a synthetic stack and tracing) prepared as image + label layers."""
+    tif, swc = lm_stack.tif, lm_stack.swc
+    if lm_stack.real:
+        assert op_pairs(tif.parent.parent, [1])[0] == (tif, swc)  # what users name OP_1
     dst = tmp_path_factory.mktemp("op1")
-    return tif, swc, dst, prepare_lm_stack(tif, swc, dst, radius_floor_px=2.0)
+    # the small synthetic stack gets small chunks, so some of them hold no neuron, as on OP_1
+    chunks = {} if lm_stack.real else {"chunk_shape": (16, 32, 32)}
+    return tif, swc, dst, prepare_lm_stack(tif, swc, dst, radius_floor_px=2.0, **chunks)
 
 
-def test_op1_labels_cover_the_swc_and_the_bright_neuron(op1_layers):
+@pytest.fixture(scope="module")
+def op1_real(lm_stack):
+    return lm_stack.real
+
+
+def test_op1_labels_cover_the_swc_and_the_bright_neuron(op1_layers, op1_real):
     tif, swc, _, urls = op1_layers
     image, labels = open_volume(urls["image"]), open_volume(urls["labels"])
-    assert image.shape == labels.shape == (60, 512, 512)
-    assert image.voxel_size == labels.voxel_size == pytest.approx((998.8, 329.6, 329.6))
+    stack = open_volume(tif)
+    assert image.shape == labels.shape == stack.shape
+    assert image.voxel_size == labels.voxel_size == pytest.approx(stack.voxel_size)
+    if op1_real:
+        assert image.shape == (60, 512, 512)
+        assert image.voxel_size == pytest.approx((998.8, 329.6, 329.6))
     assert labels.layer_type == "segmentation" and image.dtype == np.uint8
     raw = open_volume(tif)[:, :, :]
     img, lab = image[:, :, :], labels[:, :, :]
@@ -63,12 +78,12 @@ def test_op1_labels_respect_the_anisotropy(op1_layers):
 
 
 def test_op1_manifest_and_record_say_where_the_neuron_is(op1_layers):
-    _, _, dst, urls = op1_layers
+    tif, _, dst, urls = op1_layers
     manifest = read_manifest(urls["labels"])
     fractions = manifest.column("foreground_fraction").to_numpy()
     assert fractions.max() > 0 and (fractions == 0).any()
     record = read_lm_record(dst)
-    assert record["radius_floor_px"] == 2.0 and record["stacks"][0]["name"] == "OP_1"
+    assert record["radius_floor_px"] == 2.0 and record["stacks"][0]["name"] == Path(tif).stem
     assert record["stacks"][0]["foreground_fraction"] == pytest.approx(
         (open_volume(urls["labels"])[:, :, :] > 0).mean()
     )
@@ -79,8 +94,10 @@ def test_server_pool_serves_prepared_op1_crops(op1_layers, ray_session):
     from neuroray.platform.server import ServerPool
 
     tif, swc, _, urls = op1_layers
-    node = np.rint(read_swc(swc, allow_zero_radius=True).zyx[200]).astype(int)
-    start = np.clip(node - (8, 32, 32), 0, (60 - 16, 512 - 64, 512 - 64))
+    nodes = read_swc(swc, allow_zero_radius=True).zyx
+    node = np.rint(nodes[min(200, len(nodes) // 2)]).astype(int)
+    shape = open_volume(tif).shape
+    start = np.clip(node - (8, 32, 32), 0, np.subtract(shape, (16, 64, 64)))
     box = Box(tuple(start), tuple(start + (16, 64, 64)))
     pool = ServerPool(urls, num_servers=1, cache_mb=16)
     try:

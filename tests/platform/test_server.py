@@ -1,4 +1,4 @@
-"""Chunk servers on real EM layers: exact crops, shard plans, seeded streams, fault tolerance."""
+"""Chunk servers on EM layers (fib_gala_train, or its synthetic stand-in): exact crops, shard plans, seeded streams, fault tolerance."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ CHUNKS = (16, 32, 64)
 
 
 @pytest.fixture(scope="module")
-def gala(data_dir, tmp_path_factory):
-    """fib_gala_train ingested as precomputed image + segmentation layers (0 = boundary)."""
+def gala(em_volume, tmp_path_factory):
+    """fib_gala_train (or synthetic EM of its shape) ingested as precomputed image +
+    segmentation layers (0 = boundary)."""
     root = tmp_path_factory.mktemp("gala")
     layers = {}
     for name in ("raw", "labels"):
         dst = str(root / name)
-        ingest(f"{data_dir}/em/fib_gala_train.h5#{name}", dst, chunk_shape=CHUNKS, progress=False)
+        ingest(getattr(em_volume, name), dst, chunk_shape=CHUNKS, progress=False)
         layers["image" if name == "raw" else "labels"] = dst
     arrays = {key: open_volume(url)[:] for key, url in layers.items()}
     return layers, arrays
@@ -144,7 +145,7 @@ def test_same_seed_same_stream_and_ranks_differ(gala):
 
 def test_dataset_rejection_honours_the_threshold(pool, gala):
     _, arrays = gala
-    threshold = 0.93  # gala has 7-9% boundary (label 0) voxels, so many crops fall below
+    threshold = 0.93  # gala (and its stand-in) has 7-9% boundary (label 0) voxels, so many crops fall below
     sampler = CropSampler(pool.bounds, (8, 24, 24), seed=1, min_foreground=threshold)
     dataset = CropDataset(pool, sampler, samples_per_epoch=40, crops_per_request=8)
     samples = list(dataset)
