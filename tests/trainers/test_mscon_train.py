@@ -1,5 +1,5 @@
-"""End to end on real EM: MS-Con pretraining on Ray Train from the FIB-SEM cube served by the
-chunk servers; the loss falls, a worker failure resumes from the last checkpoint, TensorBoard gets
+"""End to end on EM: MS-Con pretraining on Ray Train from the FIB-SEM cube (a synthetic cube
+without ../shared) served by the chunk servers; the loss falls, a worker failure resumes from the last checkpoint, TensorBoard gets
 the views and reconstructions, and the checkpoint initialises a UNETR for fine-tuning."""
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from neuroray.trainers.mscon import MSConJob, run_mscon
 CROP = [16, 64, 64]
 
 
-def test_mscon_pretraining_on_real_em_learns_resumes_and_initialises_a_unetr(
-    ray_session, data_dir, tmp_path
+def test_mscon_pretraining_on_em_learns_resumes_and_initialises_a_unetr(
+    ray_session, em_raw, tmp_path
 ):
     job = validate(
         MSConJob,
         {
             "data": {
-                "image": f"{data_dir}/em/fib_medulla_s1_raw.h5#raw",  # served straight from HDF5
+                "image": em_raw.raw,  # served straight from HDF5
                 "num_servers": 1,
                 "cache_mb": 64,
                 "sampler": {"crop_shape": CROP, "roi": [0, 0, 0, 64, 128, 128]},

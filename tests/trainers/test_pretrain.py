@@ -19,11 +19,11 @@ ENCODER = {"size": None, "width": 48, "depth": 2, "heads": 2, "img_size": [16, 6
 
 
 @pytest.fixture(scope="module")
-def medulla_raw(data_dir, tmp_path_factory):
-    """A corner of the unlabelled FIB-SEM cube, ingested as a precomputed layer."""
+def medulla_raw(em_raw, tmp_path_factory):
+    """The unlabelled FIB-SEM cube (or a synthetic EM cube), ingested as a precomputed layer."""
     from neuroray.platform.volume import open_volume
 
-    source = open_volume(f"{data_dir}/em/fib_medulla_s1_raw.h5#raw")
+    source = open_volume(em_raw.raw)
     url = str(tmp_path_factory.mktemp("medulla") / "raw")
     ingest(source, url, chunk_shape=(64, 64, 64), progress=False)
     return url
