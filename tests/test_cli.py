@@ -13,16 +13,16 @@ from neuroray.cli import build_parser, main
 from neuroray.platform.volume import open_volume
 
 
-def test_info_prints_metadata(capsys, data_dir):
-    assert main(["data", "info", f"{data_dir}/em/fib_gala_train.h5#labels"]) == 0
+def test_info_prints_metadata(capsys, em_volume):
+    assert main(["data", "info", em_volume.labels]) == 0  # the stand-in has gala's shape
     info = json.loads(capsys.readouterr().out)
     assert info["shape_zyx"] == [50, 100, 200]
     assert info["voxel_size_nm_zyx"] == [10.0, 10.0, 10.0]
     assert info["layer_type"] == "segmentation"
 
 
-def test_ingest_then_info_shows_manifest(capsys, data_dir, tmp_path):
-    src = f"{data_dir}/em/fib_gala_train.h5#labels"
+def test_ingest_then_info_shows_manifest(capsys, em_volume, tmp_path):
+    src = em_volume.labels
     dst = str(tmp_path / "labels")
     assert main(["data", "ingest", src, dst, "--chunks", "25,50,100", "--labels"]) == 0
     assert "8 chunks written" in capsys.readouterr().out
@@ -69,12 +69,14 @@ def test_only_working_commands_are_listed():
         assert sub.get_default("func") is not None or sub._subparsers is not None, name
 
 
-def test_data_lm_prepares_stacks_and_checks_pairs(capsys, data_dir, tmp_path):
-    lm = data_dir / "lm"
-    argv = ["data", "lm", str(tmp_path / "op"), str(lm / "OP_1.tif"), str(lm / "OP_1.swc")]
+def test_data_lm_prepares_stacks_and_checks_pairs(capsys, lm_stack, tmp_path):
+    argv = ["data", "lm", str(tmp_path / "op"), str(lm_stack.tif), str(lm_stack.swc)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "OP_1: roi [0, 0, 0, 60, 512, 512]" in out
+    z, y, x = open_volume(lm_stack.tif).shape
+    assert f"{lm_stack.tif.stem}: roi [0, 0, 0, {z}, {y}, {x}]" in out
+    if lm_stack.real:
+        assert "OP_1: roi [0, 0, 0, 60, 512, 512]" in out
     labels = open_volume(tmp_path / "op" / "labels")
     assert labels.layer_type == "segmentation" and labels[:].any()
     assert main(argv[:-1]) == 2

@@ -55,8 +55,8 @@ def test_a_changed_source_file_is_not_resumed(tmp_path, capsys):
     assert "source." in _error_line(capsys)
 
 
-def test_image_layer_rerun_as_labels_is_refused_then_replaced(tmp_path, capsys, data_dir):
-    src = f"{data_dir}/em/fib_gala_train.h5#labels"
+def test_image_layer_rerun_as_labels_is_refused_then_replaced(tmp_path, capsys, em_volume):
+    src = em_volume.labels
     dst = str(tmp_path / "layer")
     assert main(["data", "ingest", src, dst, "--image", "--chunks", "25,50,100"]) == 0
     assert open_volume(dst).layer_type == "image"
@@ -69,8 +69,8 @@ def test_image_layer_rerun_as_labels_is_refused_then_replaced(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("flag", ["--repair", "--overwrite"])
-def test_a_corrupt_chunk_is_repaired_by_rerunning(tmp_path, capsys, data_dir, flag):
-    src = f"{data_dir}/em/fib_gala_train.h5#raw"
+def test_a_corrupt_chunk_is_repaired_by_rerunning(tmp_path, capsys, em_volume, flag):
+    src = em_volume.raw
     dst = tmp_path / "raw"
     assert main(["data", "ingest", src, str(dst), "--chunks", "25,50,100"]) == 0
     chunk = dst / "10_10_10" / "0-100_0-50_0-25.gz"
@@ -118,9 +118,9 @@ def test_non_finite_images_are_reported(tmp_path):
 
 # ---------------------------------------------------------------------- LM layers
 def test_lm_rerun_with_another_radius_is_refused_then_equals_a_fresh_run(
-    tmp_path, capsys, data_dir
+    tmp_path, capsys, lm_stack
 ):
-    tif, swc = f"{data_dir}/lm/OP_1.tif", f"{data_dir}/lm/OP_1.swc"
+    tif, swc = str(lm_stack.tif), str(lm_stack.swc)
     dst = str(tmp_path / "op")
     assert main(["data", "lm", dst, tif, swc, "--radius-floor-px", "2"]) == 0
     thin = np.count_nonzero(open_volume(f"{dst}/labels")[:])
@@ -146,25 +146,26 @@ def test_lm_rerun_with_another_radius_is_refused_then_equals_a_fresh_run(
         (["--radius-floor-px", "nan"], "radius floor must be a finite number >= 0"),
     ],
 )
-def test_lm_bad_settings_fail_before_writing(tmp_path, capsys, data_dir, extra, message):
+def test_lm_bad_settings_fail_before_writing(tmp_path, capsys, lm_stack, extra, message):
     dst = tmp_path / "op"
-    pair = [f"{data_dir}/lm/OP_1.tif", f"{data_dir}/lm/OP_1.swc"]
+    pair = [str(lm_stack.tif), str(lm_stack.swc)]
     assert main(["data", "lm", str(dst), *pair, *pair[:0], *extra]) == 2
     assert message in _error_line(capsys)
     assert not dst.exists()
 
 
-def test_lm_swc_outside_its_stack_is_an_error(tmp_path, capsys, data_dir):
+def test_lm_swc_outside_its_stack_is_an_error(tmp_path, capsys, lm_stack):
     swc = tmp_path / "far.swc"
     swc.write_text("1 1 5000 5000 500 2 -1\n2 3 5010 5000 500 2 1\n")
-    assert main(["data", "lm", str(tmp_path / "op"), f"{data_dir}/lm/OP_1.tif", str(swc)]) == 2
+    assert main(["data", "lm", str(tmp_path / "op"), str(lm_stack.tif), str(swc)]) == 2
     assert "no node of this reconstruction lies inside its stack" in _error_line(capsys)
 
 
 # ---------------------------------------------------------------------- blockwise outputs
 @pytest.fixture(scope="module")
-def affinities(data_dir, tmp_path_factory):
-    labels = open_volume(f"{data_dir}/em/fib_medulla_s2.h5#labels")[100:132, 0:64, 0:128]
+def affinities(em_dense, tmp_path_factory):
+    # fib_medulla_s2 z 100-132, y 0-64, x 0-128 (or the synthetic cube's corner)
+    labels = open_volume(em_dense.labels)[em_dense.region][:32, :64, :128]
     affs, _ = seg_to_affinities(labels)
     noisy = np.clip(affs + np.random.default_rng(1).normal(0, 0.2, affs.shape), 0, 1)
     url = str(tmp_path_factory.mktemp("affs") / "affinities")
