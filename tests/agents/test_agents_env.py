@@ -47,9 +47,9 @@ def oracle() -> MIMOracle:
 
 
 @pytest.fixture(scope="module")
-def em_region(data_dir) -> np.ndarray:
-    """A real FIB-SEM region (uint8, z y x)."""
-    volume = open_volume(str(data_dir / "em" / "fib_medulla_s1_raw.h5") + "#raw")
+def em_region(em_raw) -> np.ndarray:
+    """A FIB-SEM region, or synthetic EM without ../shared (uint8, z y x)."""
+    volume = open_volume(em_raw.raw)
     return np.asarray(volume[0:24, 0:128, 0:128])
 
 
@@ -61,7 +61,7 @@ def make_env(oracle, volume, crops_per_episode=2, **reward) -> MaskingEnv:
 
 
 # ---------------------------------------------------------------------- the env
-def test_env_passes_rllib_multi_agent_checks_on_real_em(oracle, em_region):
+def test_env_passes_rllib_multi_agent_checks_on_em(oracle, em_region):
     env = make_env(oracle, em_region, crops_per_episode=2)
     check_multiagent_environments(env)
 

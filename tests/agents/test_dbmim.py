@@ -1,5 +1,6 @@
 """dbMiM orchestration: job config and control, the trainer side of the weight exchange, and an
-end-to-end run (RLlib PPO beside Ray Train) on the real FIB-SEM cube, with resume."""
+end-to-end run (RLlib PPO beside Ray Train) on the FIB-SEM cube (synthetic EM without
+../shared), with resume."""
 
 from __future__ import annotations
 
@@ -76,8 +77,9 @@ def tiny_job(image: str, storage: str = "runs", steps: int = 24, **rl) -> dict:
 
 
 @pytest.fixture(scope="module")
-def em_url(data_dir) -> str:
-    return str(data_dir / "em" / "fib_medulla_s1_raw.h5") + "#raw"
+def em_url(em_raw) -> str:
+    """The unlabelled FIB-SEM cube, or a synthetic EM cube (jobs crop inside 64 x 128 x 128)."""
+    return em_raw.raw
 
 
 # ---------------------------------------------------------------------- config
@@ -179,7 +181,7 @@ def _images(directory: Path) -> set[str]:
     return tags
 
 
-def test_dbmim_end_to_end_on_real_em_both_sides_learn_checkpoint_and_resume(
+def test_dbmim_end_to_end_on_em_both_sides_learn_checkpoint_and_resume(
     ray_session, em_url, tmp_path
 ):
     # lockstep (the paper's alternating updates) makes the pace independent of machine load:
