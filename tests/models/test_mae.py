@@ -255,8 +255,8 @@ def test_hog_matches_scikit_image_on_a_known_image(block_norm, cells_per_block, 
     assert ours.shape[-1] == patch_hog_size(PATCH, 1, cfg)
 
 
-def test_hog_matches_scikit_image_on_real_em(data_dir):
-    with h5py.File(data_dir / "em" / "fib_medulla_s1_raw.h5", "r") as f:
+def test_hog_matches_scikit_image_on_real_em(real_data):
+    with h5py.File(real_data("em/fib_medulla_s1_raw.h5"), "r") as f:
         volume = f["raw"][100:108, 64:128, 64:128]
     cfg = HOGConfig()
     ours = patch_hog(torch.from_numpy(volume.astype(np.float32))[None, None], PATCH, cfg)[0]

@@ -73,9 +73,9 @@ def prefers_aligned(loss, a, aligned, mismatched) -> bool:
 
 
 @pytest.fixture(scope="module")
-def em_views(data_dir):
+def em_views(real_data):
     """Weak / strong / clean views of three real FIB-SEM crops (far apart in the cube)."""
-    volume = open_volume(f"{data_dir}/em/fib_medulla_s1_raw.h5#raw")
+    volume = open_volume(str(real_data("em/fib_medulla_s1_raw.h5")) + "#raw")
     starts = [(0, 0, 0), (100, 150, 60), (200, 30, 180)]
     crops = np.stack(
         [volume[z : z + CROP[0], y : y + CROP[1], x : x + CROP[2]] for z, y, x in starts]

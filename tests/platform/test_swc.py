@@ -86,8 +86,8 @@ def test_write_then_read_round_trips_exactly(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["tree.swc"]  # no temporary left behind
 
 
-def test_real_swc_round_trips(data_dir, tmp_path):
-    tree = read_swc(data_dir / "lm" / "OP_1.swc")
+def test_real_swc_round_trips(real_data, tmp_path):
+    tree = read_swc(real_data("lm/OP_1.swc"))
     assert len(tree) == 1496 and len(tree.roots) == 1
     write_swc(tree, tmp_path / "op1.swc")
     assert_same_tree(read_swc(tmp_path / "op1.swc"), tree)
@@ -176,8 +176,8 @@ def test_resample_straight_path_places_equally_spaced_nodes_with_interpolated_ra
     assert len(physical) == 6
 
 
-def test_resample_real_tree_in_micrometres(data_dir):
-    tree = read_swc(data_dir / "lm" / "OP_4.swc")
+def test_resample_real_tree_in_micrometres(real_data):
+    tree = read_swc(real_data("lm/OP_4.swc"))
     out = resample(tree, 2.0, spacing_xyz=(0.33, 0.33, 1.0))
     assert critical_structure(out) == critical_structure(tree)
     steps = (out.xyz[out.edges()[:, 0]] - out.xyz[out.edges()[:, 1]]) * (0.33, 0.33, 1.0)
@@ -257,12 +257,12 @@ def op_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float]:
 
 
 @pytest.mark.parametrize("name", OP_STACKS)
-def test_op_masks_are_bright_and_cover_the_swc_nodes(data_dir, name):
-    with tifffile.TiffFile(data_dir / "lm" / f"{name}.tif") as tif:
+def test_op_masks_are_bright_and_cover_the_swc_nodes(real_data, name):
+    with tifffile.TiffFile(real_data(f"lm/{name}.tif")) as tif:
         image = tif.asarray()
         size = op_voxel_size(tif)
     assert image.ndim == 3 and image.shape[1:] == (512, 512)
-    tree = read_swc(data_dir / "lm" / f"{name}.swc", allow_zero_radius=True)  # OP_2 has r = 0
+    tree = read_swc(real_data(f"lm/{name}.swc"), allow_zero_radius=True)  # OP_2 has r = 0
     mask = rasterize(tree, image.shape, size)
     near = ndi.maximum_filter(mask, size=(3, 9, 9))
     inside_mean = float(image[mask].mean())

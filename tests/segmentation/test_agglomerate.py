@@ -25,14 +25,14 @@ MEDULLA_CROP = np.s_[100:200, 100:200, 100:200]
 
 
 @pytest.fixture(scope="module")
-def gala(data_dir):
-    with h5py.File(data_dir / "em" / "fib_gala_train.h5") as f:
+def gala(real_data):
+    with h5py.File(real_data("em/fib_gala_train.h5")) as f:
         return f["labels"][:]
 
 
 @pytest.fixture(scope="module")
-def medulla(data_dir):
-    with h5py.File(data_dir / "em" / "fib_medulla_s2.h5") as f:
+def medulla(real_data):
+    with h5py.File(real_data("em/fib_medulla_s2.h5")) as f:
         return f["labels"][MEDULLA_CROP]
 
 

@@ -27,14 +27,14 @@ from neuroray.segmentation.targets import seg_to_affinities
 
 
 @pytest.fixture(scope="module")
-def gala(data_dir):
-    with h5py.File(data_dir / "em" / "fib_gala_train.h5") as f:
+def gala(real_data):
+    with h5py.File(real_data("em/fib_gala_train.h5")) as f:
         return f["labels"][:].astype(np.uint64)
 
 
 @pytest.fixture(scope="module")
-def medulla(data_dir):
-    with h5py.File(data_dir / "em" / "fib_medulla_s2.h5") as f:
+def medulla(real_data):
+    with h5py.File(real_data("em/fib_medulla_s2.h5")) as f:
         return f["labels"][:64, :64, :64].astype(np.uint64)
 
 

@@ -66,9 +66,9 @@ def test_label_zero_is_boundary_or_unknown():
     assert unknown_mask[2, 0, 0].tolist() == [0, 0, 0, 0]  # unknown edges
 
 
-def test_gala_zero_separates_every_object(data_dir):
+def test_gala_zero_separates_every_object(real_data):
     """fib_gala_train's 0 lies between all objects: masked out, no cut would remain to learn."""
-    with h5py.File(data_dir / "em" / "fib_gala_train.h5") as f:
+    with h5py.File(real_data("em/fib_gala_train.h5")) as f:
         labels = f["labels"][:20]
     affs, mask = seg_to_affinities(labels, background="boundary")
     cuts = (affs == 0) & (mask == 1)
@@ -96,8 +96,8 @@ def _touching_objects(labels) -> bool:
     return False
 
 
-def test_grow_boundary_on_touching_medulla_labels(data_dir):
-    with h5py.File(data_dir / "em" / "fib_medulla_s2.h5") as f:
+def test_grow_boundary_on_touching_medulla_labels(real_data):
+    with h5py.File(real_data("em/fib_medulla_s2.h5")) as f:
         labels = f["labels"][:32, :32, :32]
     assert _touching_objects(labels)
     grown = grow_boundary(labels, 1)
@@ -106,8 +106,8 @@ def test_grow_boundary_on_touching_medulla_labels(data_dir):
     np.testing.assert_array_equal(grown[kept], labels[kept])
 
 
-def test_balance_weights_give_cuts_and_links_equal_total_weight(data_dir):
-    with h5py.File(data_dir / "em" / "fib_gala_train.h5") as f:
+def test_balance_weights_give_cuts_and_links_equal_total_weight(real_data):
+    with h5py.File(real_data("em/fib_gala_train.h5")) as f:
         labels = f["labels"][:20]
     affs, mask = seg_to_affinities(labels, LONG_RANGE_OFFSETS)
     weights = balance_weights(affs, mask)

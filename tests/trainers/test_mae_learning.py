@@ -20,10 +20,11 @@ STEPS, BATCH, CROP = 2500, 8, (16, 64, 64)
 
 
 @pytest.mark.timeout(2400)  # ~3 min alone; measured 6x slower with two training jobs beside it
-def test_masked_loss_falls_below_start_and_trivial_baseline(data_dir):
+def test_masked_loss_falls_below_start_and_trivial_baseline(real_data):
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    volume = open_volume(f"{data_dir}/em/fib_medulla_s1_raw.h5#raw")[:].astype(np.float32) / 255
+    source = real_data("em/fib_medulla_s1_raw.h5")
+    volume = open_volume(f"{source}#raw")[:].astype(np.float32) / 255
     config = MAEConfig.model_validate({
         "encoder": {"size": None, "width": 128, "depth": 4, "heads": 4, "img_size": list(CROP)},
         "decoder_width": 128, "decoder_depth": 2, "decoder_heads": 4, "norm_pix_loss": True,
