@@ -171,9 +171,9 @@ def _wait_for(env: dict[str, str], url: str, job_id: str, timeout_s: float) -> s
 
 @pytest.mark.flaky(reruns=1)  # a whole cluster run: one rerun, reported as R
 @pytest.mark.slow
-def test_pretrain_job_submitted_to_a_local_head_succeeds(data_dir, tmp_path):
+def test_pretrain_job_submitted_to_a_local_head_succeeds(em_volume, tmp_path):
     raw = str(tmp_path / "raw")
-    ingest(f"{data_dir}/em/fib_gala_train.h5#raw", raw, chunk_shape=(25, 50, 100), progress=False)
+    ingest(em_volume.raw, raw, chunk_shape=(25, 50, 100), progress=False)
     runs = tmp_path / "runs"
     job_id = f"neuroray-test-{uuid.uuid4().hex[:8]}"
     entrypoint = [

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps of fine-tuning jobs: search spaces, ASHA on real EM, best config, faults, resume."""
+"""Ray Tune sweeps of fine-tuning jobs: search spaces, ASHA on EM, best config, faults, resume."""
 
 from __future__ import annotations
 
@@ -238,15 +238,16 @@ def test_cli_has_tune_and_reports_bad_configs(tmp_path, capsys):
     assert "missing.yaml" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------- sweeps on real EM data
+# ---------------------------------------------------------------------- sweeps on EM data
 @pytest.fixture(scope="module")
-def gala_layers(data_dir, tmp_path_factory):
+def gala_layers(em_volume, tmp_path_factory):
+    """fib_gala_train (or synthetic EM of its shape) ingested as precomputed layers."""
     root = tmp_path_factory.mktemp("gala_sweep")
     urls = {}
     for name in ("raw", "labels"):
         urls[name] = str(root / name)
         ingest(
-            f"{data_dir}/em/fib_gala_train.h5#{name}",
+            getattr(em_volume, name),
             urls[name],
             chunk_shape=(25, 50, 100),
             progress=False,
