@@ -1,15 +1,15 @@
 """Fragments and agglomeration: labels -> affinities -> fragments -> waterz gives the labels back,
-also where labels touch without a boundary (fib_medulla_s2)."""
+also where labels touch without a boundary (fib_medulla_s2, or the synthetic dense cube)."""
 
 from __future__ import annotations
 
 import cc3d
-import h5py
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from neuroray.errors import RegistryError
+from neuroray.platform.volume import open_volume
 from neuroray.segmentation.agglomerate import (
     AGGLOMERATORS,
     AgglomerationError,
@@ -21,19 +21,19 @@ from neuroray.segmentation.agglomerate import (
 from neuroray.segmentation.metrics import evaluate_segmentation
 from neuroray.segmentation.targets import LONG_RANGE_OFFSETS, seg_to_affinities
 
-MEDULLA_CROP = np.s_[100:200, 100:200, 100:200]
+MEDULLA_CROP = np.s_[100:200, 100:200, 100:200]  # of the real fib_medulla_s2
 
 
 @pytest.fixture(scope="module")
-def gala(real_data):
-    with h5py.File(real_data("em/fib_gala_train.h5")) as f:
-        return f["labels"][:]
+def gala(em_volume):
+    """Labels with 0 between all objects: fib_gala_train, or synth_em's with boundary gaps."""
+    return open_volume(em_volume.labels)[:]
 
 
 @pytest.fixture(scope="module")
-def medulla(real_data):
-    with h5py.File(real_data("em/fib_medulla_s2.h5")) as f:
-        return f["labels"][MEDULLA_CROP]
+def medulla(em_dense):
+    """Touching labels, no 0: fib_medulla_s2's 100^3 crop, or the synthetic 64 x 128 x 128 cube."""
+    return open_volume(em_dense.labels)[MEDULLA_CROP if em_dense.real else np.s_[:]]
 
 
 def _cut_edges(affs, fragments):
