@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -21,6 +20,7 @@ from neuroray.models.mae import (
     per_patch_mean_loss,
 )
 from neuroray.models.vit3d import ModelError, patchify
+from neuroray.platform.volume import open_volume
 
 torch.set_num_threads(1)
 CROP, PATCH, GRID = (8, 64, 64), (4, 16, 16), (2, 4, 4)
@@ -255,9 +255,10 @@ def test_hog_matches_scikit_image_on_a_known_image(block_norm, cells_per_block, 
     assert ours.shape[-1] == patch_hog_size(PATCH, 1, cfg)
 
 
-def test_hog_matches_scikit_image_on_real_em(real_data):
-    with h5py.File(real_data("em/fib_medulla_s1_raw.h5"), "r") as f:
-        volume = f["raw"][100:108, 64:128, 64:128]
+def test_hog_matches_scikit_image_on_em(em_raw):
+    """On FIB-SEM (fib_medulla_s1_raw) where the data is, on the synthetic EM cube otherwise."""
+    z = 100 if em_raw.real else 32  # the synthetic cube has 64 sections
+    volume = open_volume(em_raw.raw)[z : z + 8, 64:128, 64:128]
     cfg = HOGConfig()
     ours = patch_hog(torch.from_numpy(volume.astype(np.float32))[None, None], PATCH, cfg)[0]
     np.testing.assert_allclose(ours.numpy(), skimage_patch_hog(volume, cfg), atol=1e-6)

@@ -123,13 +123,15 @@ def test_volumes_pickle_by_url(tmp_path):
         np.testing.assert_array_equal(clone[:], CUBE)
 
 
-def test_missing_file_and_missing_key(tmp_path, real_data):
+def test_missing_file_and_missing_key(tmp_path, em_volume):
     with pytest.raises(VolumeError, match="does not exist"):
         open_volume(tmp_path / "absent.h5#raw")
-    with pytest.raises(VolumeError, match=r"no dataset 'rawz'.*datasets: labels, raw"):
-        open_volume(str(real_data("em/fib_gala_train.h5")) + "#rawz")
+    h5 = em_volume.raw.split("#")[0]  # fib_gala_train, or its synthetic stand-in with mito too
+    datasets = "labels, raw" if em_volume.real else "labels, mito, raw"
+    with pytest.raises(VolumeError, match=rf"no dataset 'rawz'.*datasets: {datasets}"):
+        open_volume(h5 + "#rawz")
     with pytest.raises(VolumeError, match="name the dataset after '#'"):
-        open_volume(str(real_data("em/fib_gala_train.h5")))
+        open_volume(h5)
     with pytest.raises(VolumeError, match="info' file is missing"):
         open_volume(f"precomputed://file://{tmp_path}")
     with pytest.raises(VolumeError, match="does not exist"):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 
+from neuroray.platform.volume import open_volume
 from neuroray.segmentation.targets import (
     LONG_RANGE_OFFSETS,
     NEAREST_OFFSETS,
@@ -66,10 +66,10 @@ def test_label_zero_is_boundary_or_unknown():
     assert unknown_mask[2, 0, 0].tolist() == [0, 0, 0, 0]  # unknown edges
 
 
-def test_gala_zero_separates_every_object(real_data):
-    """fib_gala_train's 0 lies between all objects: masked out, no cut would remain to learn."""
-    with h5py.File(real_data("em/fib_gala_train.h5")) as f:
-        labels = f["labels"][:20]
+def test_gala_zero_separates_every_object(em_volume):
+    """fib_gala_train's 0 (or synth_em's boundary gap) lies between all objects: masked out, no
+    cut would remain to learn."""
+    labels = open_volume(em_volume.labels)[:20]
     affs, mask = seg_to_affinities(labels, background="boundary")
     cuts = (affs == 0) & (mask == 1)
     assert cuts.mean() > 0.05
@@ -96,9 +96,8 @@ def _touching_objects(labels) -> bool:
     return False
 
 
-def test_grow_boundary_on_touching_medulla_labels(real_data):
-    with h5py.File(real_data("em/fib_medulla_s2.h5")) as f:
-        labels = f["labels"][:32, :32, :32]
+def test_grow_boundary_on_touching_medulla_labels(em_dense):
+    labels = open_volume(em_dense.labels)[:32, :32, :32]  # fib_medulla_s2 or the synthetic cube
     assert _touching_objects(labels)
     grown = grow_boundary(labels, 1)
     assert not _touching_objects(grown)
@@ -106,9 +105,8 @@ def test_grow_boundary_on_touching_medulla_labels(real_data):
     np.testing.assert_array_equal(grown[kept], labels[kept])
 
 
-def test_balance_weights_give_cuts_and_links_equal_total_weight(real_data):
-    with h5py.File(real_data("em/fib_gala_train.h5")) as f:
-        labels = f["labels"][:20]
+def test_balance_weights_give_cuts_and_links_equal_total_weight(em_volume):
+    labels = open_volume(em_volume.labels)[:20]
     affs, mask = seg_to_affinities(labels, LONG_RANGE_OFFSETS)
     weights = balance_weights(affs, mask)
     assert weights.shape == affs.shape and weights.dtype == np.float32
