@@ -73,10 +73,14 @@ def prefers_aligned(loss, a, aligned, mismatched) -> bool:
 
 
 @pytest.fixture(scope="module")
-def em_views(real_data):
-    """Weak / strong / clean views of three real FIB-SEM crops (far apart in the cube)."""
-    volume = open_volume(str(real_data("em/fib_medulla_s1_raw.h5")) + "#raw")
-    starts = [(0, 0, 0), (100, 150, 60), (200, 30, 180)]
+def em_views(em_raw):
+    """Weak / strong / clean views of three EM crops far apart in the cube: the 250^3 FIB-SEM
+    cube where the data is, the synthetic 64 x 128 x 128 one otherwise."""
+    volume = open_volume(em_raw.raw)
+    if em_raw.real:
+        starts = [(0, 0, 0), (100, 150, 60), (200, 30, 180)]
+    else:
+        starts = [(0, 0, 0), (28, 90, 40), (56, 30, 96)]
     crops = np.stack(
         [volume[z : z + CROP[0], y : y + CROP[1], x : x + CROP[2]] for z, y, x in starts]
     )
