@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from scipy import ndimage as ndi
 
 from neuroray.errors import SWCError
 from neuroray.platform.swc import SWCTree, rasterize, read_swc, resample, write_swc
+from neuroray.platform.synthetic import write_synthetic
 
 OP_STACKS = [f"OP_{n}" for n in range(1, 7)]
 
@@ -86,9 +88,12 @@ def test_write_then_read_round_trips_exactly(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["tree.swc"]  # no temporary left behind
 
 
-def test_real_swc_round_trips(real_data, tmp_path):
-    tree = read_swc(real_data("lm/OP_1.swc"))
-    assert len(tree) == 1496 and len(tree.roots) == 1
+def test_tracing_round_trips(lm_stack, tmp_path):
+    """DIADEM OP_1's gold tracing where the data is, synth_lm's tree otherwise."""
+    tree = read_swc(lm_stack.swc)
+    assert len(tree.roots) == 1
+    if lm_stack.real:
+        assert len(tree) == 1496
     write_swc(tree, tmp_path / "op1.swc")
     assert_same_tree(read_swc(tmp_path / "op1.swc"), tree)
 
@@ -176,8 +181,10 @@ def test_resample_straight_path_places_equally_spaced_nodes_with_interpolated_ra
     assert len(physical) == 6
 
 
-def test_resample_real_tree_in_micrometres(real_data):
-    tree = read_swc(real_data("lm/OP_4.swc"))
+def test_resample_traced_tree_in_micrometres(lm_stack, real_data):
+    """DIADEM OP_4 where the data is, synth_lm's tree (the same 0.33 x 0.33 x 1 um voxels)
+    otherwise."""
+    tree = read_swc(real_data("lm/OP_4.swc") if lm_stack.real else lm_stack.swc)
     out = resample(tree, 2.0, spacing_xyz=(0.33, 0.33, 1.0))
     assert critical_structure(out) == critical_structure(tree)
     steps = (out.xyz[out.edges()[:, 0]] - out.xyz[out.edges()[:, 1]]) * (0.33, 0.33, 1.0)
@@ -250,19 +257,33 @@ def test_radius_floor_crop_origin_and_value_into_an_existing_array():
     assert np.array_equal(ids == 42, full) and np.all(ids[~full] == 7)
 
 
-# --------------------------------------------------------------------------- real data
+# --------------------------------------------------------------------------- traced stacks
+@pytest.fixture(params=OP_STACKS)
+def op_stack(request, lm_stack, real_data, tmp_path_factory) -> tuple[Path, Path]:
+    """The TIFF stack and SWC tracing of DIADEM OP_n where the data is; without it, a synthetic
+    stand-in per n (synth_lm seed n, 32 x 128 x 128)."""
+    name = request.param
+    if lm_stack.real:
+        return real_data(f"lm/{name}.tif"), real_data(f"lm/{name}.swc")
+    seed = OP_STACKS.index(name)
+    urls = write_synthetic("lm", tmp_path_factory.mktemp(name), shape=(32, 128, 128), seed=seed)
+    return Path(urls["image"]), Path(urls["swc"])
+
+
 def op_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float]:
     spacing = json.loads(tif.pages[0].description)["spacing_um_zyx"]
     return tuple(1000.0 * s for s in spacing)
 
 
-@pytest.mark.parametrize("name", OP_STACKS)
-def test_op_masks_are_bright_and_cover_the_swc_nodes(real_data, name):
-    with tifffile.TiffFile(real_data(f"lm/{name}.tif")) as tif:
+def test_op_masks_are_bright_and_cover_the_swc_nodes(op_stack, lm_stack):
+    tif_path, swc_path = op_stack
+    with tifffile.TiffFile(tif_path) as tif:
         image = tif.asarray()
         size = op_voxel_size(tif)
-    assert image.ndim == 3 and image.shape[1:] == (512, 512)
-    tree = read_swc(real_data(f"lm/{name}.swc"), allow_zero_radius=True)  # OP_2 has r = 0
+    assert image.ndim == 3
+    if lm_stack.real:
+        assert image.shape[1:] == (512, 512)
+    tree = read_swc(swc_path, allow_zero_radius=True)  # OP_2 has r = 0
     mask = rasterize(tree, image.shape, size)
     near = ndi.maximum_filter(mask, size=(3, 9, 9))
     inside_mean = float(image[mask].mean())

@@ -223,9 +223,10 @@ def test_skeleton_of_a_tube_follows_its_axis():
     assert d.esa < 1.0 and d.pds == 0  # within a slice (1 um) of the axis everywhere
 
 
-def test_skeleton_of_rasterised_gold_op1_is_close_to_the_gold(real_data):
-    stack = open_volume(real_data("lm/OP_1.tif"))
-    gold = read_swc(real_data("lm/OP_1.swc"), allow_zero_radius=True)
+def test_skeleton_of_rasterised_gold_is_close_to_the_gold(lm_stack):
+    """DIADEM OP_1's gold tracing where the data is, synth_lm's tree (same voxels) otherwise."""
+    stack = open_volume(lm_stack.tif)
+    gold = read_swc(lm_stack.swc, allow_zero_radius=True)
     mask = rasterize(gold, stack.shape, stack.voxel_size, radius_floor=2.0)
     skeleton = skeletonize(mask, stack.voxel_size)
     d = tree_distance(skeleton, gold, stack.voxel_size)
