@@ -6,9 +6,10 @@ Data: DIADEM Olfactory Projection Fibers, OP_1–OP_4 train, OP_5–OP_6 test (T
 Labels: the gold SWC rasterised with the real anisotropy (x, y 0.3296 µm, z 0.9988 µm: a ball of
 r px is r/3 slices tall) and a radius floor of ``--radius-floor`` px (the gold radii are thin:
 the neuron covers 0.01–0.1% of a stack, so the floor changes Dice a lot).
-Rows: a no-learning baseline (Gaussian-smoothed image, one global threshold chosen on the
-training stacks by Dice), then UNETRs with the same encoder architecture trained from scratch
-or initialised from the 2D ViT pretrained offline on scikit-image's photographs
+Rows: a no-learning baseline (``neuroray.segmentation.baseline.fit_binary_baseline``: the
+Gaussian-smoothed image above one global threshold, smoothing, threshold and polarity chosen on
+the training stacks by mean Dice), then UNETRs with the same encoder architecture trained from
+scratch or initialised from the 2D ViT pretrained offline on scikit-image's photographs
 (``neuroray models pretrain-2d``) with average or center inflation. Same crops (seeded), steps,
 batch and learning rate for every learned row. Test metrics: Dice, IoU, HD95 (µm) on voxels;
 ESA / DSA / PDS and node F1 (2 µm) of the prediction's skeleton against the gold SWC.
@@ -84,23 +85,6 @@ def load_stack(data: str, n: int, radius_floor: float):
     return image, gold, tree, volume.voxel_size
 
 
-def smoothed(image: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    return ndimage.gaussian_filter(image.astype(np.float32), (0.5, 1.5, 1.5))
-
-
-def baseline_threshold(train) -> float:
-    """The global threshold on the smoothed image with the best mean Dice over training stacks."""
-    from neuroray.segmentation.metrics import dice
-
-    candidates = np.linspace(5, 200, 40)
-    scores = [
-        np.mean([dice(smoothed(img) > t, gold) for img, gold, _, _ in train]) for t in candidates
-    ]
-    return float(candidates[int(np.argmax(scores))])
-
-
 def score(prediction: np.ndarray, gold: np.ndarray, tree, voxel_size) -> dict:
     from neuroray.segmentation.lm_metrics import lm_scores
 
@@ -132,6 +116,7 @@ def main() -> None:
     from neuroray.models.pretrain2d import pretrain_2d
     from neuroray.platform.lm_data import op_pairs, prepare_lm_stacks
     from neuroray.runtime import connect
+    from neuroray.segmentation.baseline import fit_binary_baseline
     from neuroray.segmentation.blockwise import load_segmenter
     from neuroray.segmentation.inference import predict_array
     from neuroray.trainers.finetune import finetune
@@ -142,14 +127,17 @@ def main() -> None:
     train = [load_stack(args.data, n, args.radius_floor) for n in (1, 2, 3, 4)]
     test = {n: load_stack(args.data, n, args.radius_floor) for n in (5, 6)}
 
-    threshold = baseline_threshold(train)
+    baseline = fit_binary_baseline(
+        [image for image, _, _, _ in train], [gold for _, gold, _, _ in train], train[0][3]
+    )
     for n, (image, gold, tree, voxel) in test.items():
         results.append(
             {
-                "method": f"smoothed image > {threshold:.0f} (no learning)",
+                "method": f"no-learning: {baseline.describe()}",
                 "seed": None,
                 "stack": f"OP_{n}",
-                **score(smoothed(image) > threshold, gold, tree, voxel),
+                **score(baseline.segment(image), gold, tree, voxel),
+                "params": baseline.params(),
             }
         )
         print(json.dumps(results[-1]), flush=True)
