@@ -10,7 +10,9 @@ so none of them needs the training code.
       model.pt        {"format": "neuroray.checkpoint/1", "kind": task kind ("mae", "dbmim",
                        "mscon", "finetune_em", ...), "step": int, "state_dict": model weights
                        (no DDP prefix), "encoder_prefix": where the ViT3D encoder's keys start
-                       ("encoder." for MAE), "job": the job config as JSON}
+                       ("encoder." for MAE), "job": the job config as JSON,
+                       "postprocess": choices made on validation that inference reuses, e.g.
+                       {"threshold": 0.25} (fine-tuning; optional)}
       train_state.pt  {"optimizer", "scheduler", "step", "extras": task state} (training only)
       job.json        the job config (also inside model.pt)
 
@@ -45,6 +47,7 @@ def write_model_file(
     state_dict: Mapping[str, torch.Tensor],
     encoder_prefix: str,
     job_json: str,
+    postprocess: Mapping[str, float] | None = None,
 ) -> None:
     """Write ``model.pt`` and ``job.json`` of a checkpoint into ``directory``."""
     torch.save(
@@ -55,6 +58,7 @@ def write_model_file(
             "state_dict": state_dict,
             "encoder_prefix": encoder_prefix,
             "job": job_json,
+            "postprocess": dict(postprocess or {}),
         },
         directory / "model.pt",
     )

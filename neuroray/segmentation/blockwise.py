@@ -54,6 +54,10 @@ from neuroray.segmentation.tasks import TaskName, get_task
 BLOCK_ID_SHIFT = np.uint64(32)
 
 
+DEFAULT_THRESHOLD = 0.5
+"""The threshold for checkpoints that recorded none (and for ``affinities`` without a model)."""
+
+
 class SegmentJob(StrictModel):
     """``neuroray segment``: which model, which image, where to write, and how to cut blocks."""
 
@@ -70,8 +74,9 @@ class SegmentJob(StrictModel):
     """Extra input around each block for prediction (default: a quarter of the model window)."""
     halo: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] = (4, 16, 16)
     """Overlap used to segment each block together with its neighbours' voxels, for stitching."""
-    threshold: float = Field(0.5, gt=0, lt=1)
-    """waterz merge threshold (EM; pick it on validation data) or foreground threshold."""
+    threshold: float | None = Field(None, gt=0, lt=1)
+    """waterz merge threshold (EM) or foreground threshold. Default: the one the fine-tune chose
+    on its validation region (stored in the checkpoint); 0.5 where there is none."""
     task: TaskName | None = None
     """em | mito | lm; read from the checkpoint when not given."""
     cpus_per_task: float = Field(1.0, gt=0)
@@ -107,20 +112,22 @@ class SegmentResult:
     layers: dict[str, str]
     stages: list[StageReport]
     voxels: int
+    threshold: float
+    """The threshold used (given, or the one the checkpoint's validation chose)."""
 
     def summary(self) -> str:
         parts = [
             f"{s.stage}: {s.done} blocks ({s.skipped} already done) {s.seconds:.1f} s"
             for s in self.stages
         ]
-        return f"{self.output}: " + "; ".join(parts)
+        return f"{self.output} (threshold {self.threshold:g}): " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------- model loading in tasks
 def load_segmenter(checkpoint: str) -> tuple[Any, Any]:
     """The fine-tuned segmenter of a checkpoint (weights loaded, eval mode) and a
     :class:`~neuroray.models.segmenter.SegmenterCheckpoint` (``task``, ``out_channels``,
-    ``model.encoder.img_size``): the checkpoint contract in models/, no training code. Imported
+    ``window``, the ``threshold`` validation chose): the checkpoint contract in models/, no training code. Imported
     here lazily, so that importing this module stays free of torch."""
     from neuroray.models.segmenter import load_segmenter as from_checkpoint
 
@@ -179,7 +186,7 @@ def predict_block(
         _fail_once(config, index)
     torch.set_num_threads(max(1, int(config.cpus_per_task)))
     model, job = weights_ref
-    window = job.model.encoder.img_size
+    window = job.window
     context = config.context or tuple(w // 4 for w in window)
     image = open_volume(config.image)
     core = Box.from_list(box_list)
@@ -319,6 +326,10 @@ def segment(config: SegmentJob, progress: bool = True) -> SegmentResult:
     else:
         bounds = _bounds(config, open_volume(config.affinities).bounds)
     task = "em" if job is None else (config.task or job.task)
+    if config.threshold is None:
+        chosen = job.threshold if job is not None else None
+        threshold = DEFAULT_THRESHOLD if chosen is None else chosen
+        config = config.model_copy(update={"threshold": threshold})
     prepare_output(out, fingerprint(config, task), overwrite=config.overwrite)
     connect_to(config.ray)
     markers = Markers(str(out))
@@ -402,7 +413,7 @@ def segment(config: SegmentJob, progress: bool = True) -> SegmentResult:
             )
         )
     layers["segmentation"] = seg_url
-    return SegmentResult(str(out), layers, stages, bounds.size)
+    return SegmentResult(str(out), layers, stages, bounds.size, config.threshold)
 
 
 def _bounds(config: SegmentJob, volume_bounds: Box) -> Box:

@@ -54,7 +54,8 @@ class ValidationSettings(StrictModel):
     roi: tuple[int, int, int, int, int, int] | None = None
     thresholds: list[float] = [0.1, 0.25, 0.4, 0.55, 0.7, 0.85]
     """waterz merge thresholds tried (EM); the best by VOI is reported with its threshold."""
-    binary_threshold: float = Field(0.5, gt=0, lt=1)
+    binary_thresholds: list[Annotated[float, Field(gt=0, lt=1)]] = [0.3, 0.4, 0.5, 0.6, 0.7]
+    """Foreground cuts tried (mito, lm); the best by Dice is reported with its threshold."""
 
 
 # ---------------------------------------------------------------------- targets and losses
@@ -110,7 +111,8 @@ class Task(ABC):
     instances: bool = False
     """Whether segmentations hold object ids (agglomerated) rather than a foreground mask."""
     validation_metrics: dict[str, Literal["min", "max"]] = {}
-    """Metrics reported at validation, and whether lower or higher is better."""
+    """Metrics reported at validation, and whether lower or higher is better. Validation also
+    reports ``val_threshold``: the post-processing threshold it chose (stored in checkpoints)."""
     default_metric: str = ""
 
     @abstractmethod
@@ -266,9 +268,14 @@ class BinaryTask(Task):
     ) -> dict[str, float]:
         from neuroray.segmentation.inference import segment_binary
 
-        mask = segment_binary(probs[0], settings.binary_threshold)
         truth = labels > 0
-        return {"val_dice": dice(mask, truth), "val_iou": iou(mask, truth)}
+        best: dict[str, float] = {}
+        for threshold in settings.binary_thresholds:
+            mask = segment_binary(probs[0], threshold)
+            score = dice(mask, truth)
+            if not best or score > best["val_dice"]:
+                best = {"val_dice": score, "val_iou": iou(mask, truth), "val_threshold": threshold}
+        return best
 
     def evaluate(
         self,

@@ -107,13 +107,13 @@ def crop_batches(
         dataset.set_epoch(epoch)
 
 
-def check_crop_matches_model(data: DataSettings, img_size: tuple[int, ...]) -> None:
-    """Jobs crop exactly what the encoder was built for; say which two keys to set if not."""
-    crop, size = tuple(data.sampler.crop_shape), tuple(img_size)
+def check_crop_matches_model(
+    data: DataSettings, img_size: tuple[int, ...] | None, key: str = "model.encoder.img_size"
+) -> None:
+    """Jobs crop exactly what the model was built for; say which two keys to set if not."""
+    crop, size = tuple(data.sampler.crop_shape), tuple(img_size or ())
     if crop != size:
-        raise ValueError(
-            f"data.sampler.crop_shape {crop} must equal model.encoder.img_size {size} (set both)"
-        )
+        raise ValueError(f"data.sampler.crop_shape {crop} must equal {key} {size} (set both)")
 
 
 @contextlib.contextmanager

@@ -1,13 +1,19 @@
-"""Fine-tuning a UNETR for segmentation on Ray Train: EM neurons, mitochondria, LM neurons.
+"""Fine-tuning a segmenter on Ray Train: EM neurons, mitochondria, LM neurons.
+
+The segmenter is a registered architecture (:data:`neuroray.models.segmenter.SEGMENTERS`):
+``unetr`` (a ViT3D encoder + convolutional decoder) or ``unet`` (a residual 3D U-Net from scratch).
 
 What each task predicts, its targets, loss and validation metrics come from the task registry
 (:mod:`neuroray.segmentation.tasks`): ``em`` affinities scored by VOI / ARAND after waterz,
 ``mito`` / ``lm`` foreground masks scored by Dice / IoU.
 
-The encoder starts from scratch, from any neuroray pretraining checkpoint (MAE, dbMiM, MS-Con;
+UNETR's encoder starts from scratch, from any neuroray pretraining checkpoint (MAE, dbMiM, MS-Con;
 its architecture is read from the checkpoint), or from a 2D natural-image ViT inflated to 3D
 (``timm:<name>`` or ``file:<path>``, METHODS.md §3): one path, :mod:`neuroray.models.encoder_init`,
 built by the segmenter factory in :mod:`neuroray.models.segmenter`.
+
+The threshold validation chose (waterz merge threshold, foreground cut) is stored in each
+checkpoint, and ``segment`` uses it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from neuroray.models.segmenter import SegmenterConfig, build_segmenter
+from neuroray.models.segmenter import SEGMENTERS, SegmenterConfig, build_segmenter
 from neuroray.models.unetr import param_groups_lrd
 from neuroray.platform.augment import as_float_image
 from neuroray.platform.box import Box
@@ -58,7 +64,10 @@ class FinetuneJob(TrainJob):
     def _consistent(self) -> FinetuneJob:
         if not self.data.labels:
             raise ValueError("fine-tuning needs data.labels (an aligned label layer)")
-        check_crop_matches_model(self.data, self.model.encoder.img_size)
+        if self.model.window is None:
+            # a fully convolutional network runs on the crop it is trained on
+            self.model = self.model.with_window(tuple(self.data.sampler.crop_shape))
+        check_crop_matches_model(self.data, self.model.window, self.model.window_key)
         return self
 
     @property
@@ -77,17 +86,17 @@ class SegmentationTask(TrainTask):
         return f"finetune_{self.job.task}"
 
     def build_model(self) -> nn.Module:
-        model, note, encoder = build_segmenter(self.job.model, self.job.out_channels)
+        model, note, built = build_segmenter(self.job.model, self.job.out_channels)
         # checkpoints record the architecture actually built, so they reload without the source
-        self.job = self.job.model_copy(
-            update={"model": self.job.model.model_copy(update={"encoder": encoder})}
-        )
+        self.job = self.job.model_copy(update={"model": built})
         if self.worker.is_chief:
             print(f"[neuroray] {note}", flush=True)
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         optim = self.job.optim
+        if not SEGMENTERS.get(self.job.model.name).pretrained_encoder:
+            return super().param_groups(model)
         groups = param_groups_lrd(model, optim.lr, optim.weight_decay, optim.layer_decay or 1.0)
         freeze = self.job.model.freeze_encoder_steps
         if freeze:
@@ -144,10 +153,16 @@ class SegmentationTask(TrainTask):
         if arrays is None:
             return {}
         image, labels, voxel_size = arrays
-        probs = predict_array(
-            model, image, self.job.model.encoder.img_size, device=self.worker.device
-        )
-        return score_prediction(self.job, probs, labels, voxel_size)
+        probs = predict_array(model, image, self.job.model.window, device=self.worker.device)
+        metrics = score_prediction(self.job, probs, labels, voxel_size)
+        if "val_threshold" in metrics:
+            self._threshold = metrics["val_threshold"]
+        return metrics
+
+    def postprocess(self) -> dict[str, float]:
+        """The threshold the latest validation chose, for ``segment`` to reuse."""
+        threshold = getattr(self, "_threshold", None)
+        return {} if threshold is None else {"threshold": float(threshold)}
 
     def previews(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, np.ndarray]:
         image = batch["image"][:1]

@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -62,11 +62,18 @@ class RunSettings(StrictModel):
     storage_path: OutputPath = Field("runs", validate_default=True)
     """Where runs live (a local folder, made absolute where the job is built, or s3:// / gs://)."""
     steps: int = Field(100, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    """Train for at most this many seconds of loop time (validation and checkpoint writing not
+    counted) and then stop at a checkpoint; ``steps`` stays the upper bound. The learning-rate
+    schedule follows whichever of steps and time is further along, so a budget-limited run still
+    decays fully. Quality comparisons give every row the same budget, not the same steps."""
     batch_size: int = Field(2, ge=1)
     """Crops per worker per step."""
     steps_per_epoch: int = Field(50, ge=1)
     num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float | None = Field(None, gt=0)
+    """CPUs each worker reserves and gives torch as threads. None: the CPUs Ray has free when the
+    run starts, shared among the workers (a laptop's whole machine; chunk servers reserve none)."""
     use_gpu: bool = False
     amp: Literal["auto", "bf16", "off"] = "auto"
     """"auto": bf16 autocast on CUDA, full precision on CPU."""
@@ -173,6 +180,10 @@ class TrainTask(ABC):
         """Validation metrics, run at checkpoints on rank 0 (fine-tuning segments a slab)."""
         return {}
 
+    def postprocess(self) -> dict[str, float]:
+        """Choices the last validation made that inference should reuse (stored in model.pt)."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         return {}
 
@@ -193,14 +204,22 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def warmup_cosine(optim: OptimSettings, total_steps: int):
-    """LR multiplier per step: linear warmup, then cosine from lr down to min_lr."""
+def warmup_cosine(
+    optim: OptimSettings, total_steps: int, time_fraction: Callable[[], float] | None = None
+):
+    """LR multiplier per step: linear warmup, then cosine from lr down to min_lr.
+
+    With ``time_fraction`` (the share of a time budget used so far) the cosine follows whichever
+    of steps and time is further along.
+    """
     floor = optim.min_lr / optim.lr
 
     def factor(step: int) -> float:
         if step < optim.warmup_steps:
             return (step + 1) / (optim.warmup_steps + 1)
         progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+        if time_fraction is not None:
+            progress = max(progress, time_fraction())
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -221,6 +240,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     step: int,
+    trained_s: float = 0.0,
 ) -> None:
     write_model_file(
         directory,
@@ -229,12 +249,14 @@ def save_checkpoint(
         state_dict=model.state_dict(),
         encoder_prefix=task.encoder_prefix,
         job_json=task.job.model_dump_json(),
+        postprocess=task.postprocess(),
     )
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": step,
+            "trained_s": trained_s,
             "extras": task.state(),
         },
         directory / "train_state.pt",
@@ -277,14 +299,15 @@ def run_worker(task: TrainTask) -> None:
     run, optim = job.run, job.optim
     torch.manual_seed(run.seed)  # same initial weights on every rank (DDP also broadcasts)
     if worker.device.type == "cpu":
-        torch.set_num_threads(max(1, int(run.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(run.cpus_per_worker or 1)))
     model = task.build_model()
     model = (
         ray.train.torch.prepare_model(model) if worker.world_size > 1 else model.to(worker.device)
     )
     raw_model = unwrap(model)
     optimizer = torch.optim.AdamW(task.param_groups(raw_model), lr=optim.lr, betas=optim.betas)
-    schedule = warmup_cosine(optim, run.steps)
+    clock = TrainingClock(run.time_budget_s, worker.world_size)
+    schedule = warmup_cosine(optim, run.steps, clock.fraction if run.time_budget_s else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         [_frozen_until(schedule, g.get("freeze_until", 0)) for g in optimizer.param_groups],
@@ -300,6 +323,7 @@ def run_worker(task: TrainTask) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         task.load_state(state.get("extras", {}))
+        clock.trained_s = float(state.get("trained_s", 0.0))
         start_step = int(state["step"])
 
     writer = None
@@ -315,7 +339,8 @@ def run_worker(task: TrainTask) -> None:
     tick, samples = time.perf_counter(), 0
     step = start_step
     try:
-        while step < run.steps:
+        while step < run.steps and not clock.spent():
+            clock.start()
             batch = _to_device(next(batches), worker.device)
             model.train()
             with _autocast(run.amp, worker.device):
@@ -333,6 +358,7 @@ def run_worker(task: TrainTask) -> None:
             step += 1
             scalars.update(task.after_step(raw_model, step))
             scalars["loss"] = float(loss.detach())
+            clock.stop()
             for key, value in scalars.items():
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1  # keys may appear on only some steps
@@ -344,7 +370,8 @@ def run_worker(task: TrainTask) -> None:
                 for tag, image in task.previews(raw_model, batch, step).items():
                     writer.add_image(tag, image, step, dataformats="HWC")
 
-            save = step % run.checkpoint_every == 0 or step == run.steps
+            last = step == run.steps or clock.spent()
+            save = step % run.checkpoint_every == 0 or last
             if save or step % run.report_every == 0:
                 elapsed = time.perf_counter() - tick
                 metrics = {k: v / counts[k] for k, v in sums.items()}
@@ -352,6 +379,7 @@ def run_worker(task: TrainTask) -> None:
                     step=step,
                     lr=scheduler.get_last_lr()[0],
                     samples_per_s=samples * worker.world_size / max(elapsed, 1e-9),
+                    trained_s=clock.trained_s,
                 )
                 if save and worker.is_chief:
                     metrics.update(task.validate(raw_model, step))
@@ -371,6 +399,7 @@ def run_worker(task: TrainTask) -> None:
                                 optimizer=optimizer,
                                 scheduler=scheduler,
                                 step=step,
+                                trained_s=clock.trained_s,
                             )
                             ckpt = Checkpoint.from_directory(tmp)
                         ray.train.report(metrics, checkpoint=ckpt)
@@ -381,6 +410,43 @@ def run_worker(task: TrainTask) -> None:
     finally:
         if writer is not None:
             writer.close()
+
+
+class TrainingClock:
+    """Seconds spent in training steps (validation and checkpoints excluded) against a budget.
+
+    With several workers rank 0's clock decides when the budget is spent, so every rank stops
+    at the same step (DDP needs them to).
+    """
+
+    def __init__(self, budget_s: float | None, world_size: int) -> None:
+        self.budget_s = budget_s
+        self.world_size = world_size
+        self.trained_s = 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.trained_s += time.perf_counter() - self._since
+            self._since = None
+
+    def fraction(self) -> float:
+        return self.trained_s / self.budget_s if self.budget_s else 0.0
+
+    def spent(self) -> bool:
+        if not self.budget_s:
+            return False
+        spent = self.trained_s >= self.budget_s
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(spent)])
+            dist.broadcast(flag, src=0)
+            spent = bool(flag.item())
+        return spent
 
 
 def _log_start(run: RunSettings, start_step: int) -> None:
@@ -441,7 +507,9 @@ def fit(
     run = job.run
     if run.checkpoint_every > run.steps:
         run = run.model_copy(update={"checkpoint_every": run.steps})
-        job = job.model_copy(update={"run": run})
+    if run.cpus_per_worker is None:
+        run = run.model_copy(update={"cpus_per_worker": free_cpus_per_worker(run.num_workers)})
+    job = job.model_copy(update={"run": run})
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={
@@ -474,6 +542,18 @@ def fit(
         if cause is not None:
             raise cause from None
         raise
+
+
+def free_cpus_per_worker(num_workers: int) -> float:
+    """The CPUs Ray has free now, shared among ``num_workers`` (at least 1 each, at most one
+    node's worth): what ``run.cpus_per_worker: null`` reserves."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 1.0)
+    largest_node = max(
+        (node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0
+    )
+    return float(max(1, min(math.floor(free / num_workers), math.floor(largest_node))))
 
 
 def _user_error_in(err: BaseException) -> NeurorayError | None:

@@ -9,6 +9,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from neuroray.trainers.finetune import FinetuneJob
 
+TRIAL_CPUS_PER_WORKER = 1.0
+"""A trial's CPUs per worker where its job leaves ``run.cpus_per_worker`` to Ray's free CPUs:
+trials run side by side, so one must not take the whole machine."""
+
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
 """What a trial's driver function reserves: no CPU (Train V2 reserves its workers' CPUs in its own
 placement groups; a driver holding one would starve them), but not nothing either: Tune rejects
@@ -18,7 +22,7 @@ an all-zero request, so the driver books the memory its Python process roughly u
 def trial_resources(job: FinetuneJob, *, own_pool: bool) -> dict[str, float]:
     """CPUs and GPUs one trial's Train workers (and its own chunk servers) hold."""
     run = job.run
-    cpus = run.num_workers * run.cpus_per_worker
+    cpus = run.num_workers * (run.cpus_per_worker or TRIAL_CPUS_PER_WORKER)
     if own_pool:
         cpus += job.data.num_servers * job.data.server_cpus
     return {"CPU": cpus, "GPU": float(run.num_workers if run.use_gpu else 0)}

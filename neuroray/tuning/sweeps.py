@@ -68,6 +68,7 @@ from neuroray.trainers.loop import absolute_storage, is_remote, read_starts
 from neuroray.tuning.report import SweepError, SweepResult, TrialSummary, pick_best
 from neuroray.tuning.resources import (
     DRIVER_RESOURCES,
+    TRIAL_CPUS_PER_WORKER,
     concurrent_trials,
     trial_resources,
     tuner_task_options,
@@ -263,6 +264,7 @@ def trial_job(
             name=trial_id,
             storage_path=f"{sweep.config.experiment_path()}/train",
             tensorboard_dir=None,
+            cpus_per_worker=data["run"].get("cpus_per_worker") or TRIAL_CPUS_PER_WORKER,
         )
     else:
         data["run"].update(name=f"{sweep.config.name}-best", fail_at_step=None)

@@ -191,13 +191,13 @@ def test_unetr_from_2d_and_rebuild_from_report(checkpoint):
     model, note, built = build_segmenter(cfg, out_channels=1)
     x = torch.rand(1, 1, 8, 64, 64)
     assert model(x).shape == (1, 1, 8, 64, 64)
-    rebuilt = build_unetr(UNETRConfig(encoder=built, out_channels=1, feature_size=4))
+    rebuilt = build_unetr(UNETRConfig(encoder=built.encoder, out_channels=1, feature_size=4))
     rebuilt.load_state_dict(model.state_dict(), strict=True)  # same architecture, key for key
     assert "inflated (center)" in note and model.encoder.embed_dim == WIDTH
 
     scratch, note, built = build_segmenter(cfg.model_copy(update={"init": "scratch"}), 1)
     assert note == "encoder from scratch" and scratch.encoder.embed_dim == 192
-    assert built == encoder
+    assert built.encoder == encoder
 
 
 def test_every_transfer_option_reaches_the_segmenter(tmp_path):
@@ -208,7 +208,8 @@ def test_every_transfer_option_reaches_the_segmenter(tmp_path):
     encoder = ViTConfig(size="tiny", img_size=(8, 64, 64), patch_size=(4, 16, 16))
     options = dict(keep_cls_token=False, fold_normalization=True, num_heads=4, inflate="average")
     cfg = SegmenterConfig(init=f"file:{path}", encoder=encoder, feature_size=4, **options)
-    model, note, built = build_segmenter(cfg, out_channels=3)
+    model, note, built_model = build_segmenter(cfg, out_channels=3)
+    built = built_model.encoder
     direct, report = encoder_from_2d(f"file:{path}", (8, 64, 64), (4, 16, 16), **options)
     assert built == report.config and built.dims() == (WIDTH, DEPTH, 4)
     assert model.encoder.cls_token is None and not built.cls_token

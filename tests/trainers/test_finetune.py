@@ -128,9 +128,41 @@ def test_mito_finetune_reports_dice(ray_session, mito_volume, tmp_path):
     assert 0.0 <= metrics["val_dice"] <= 1.0 and 0.0 <= metrics["val_iou"] <= 1.0
 
 
+def test_a_unet_trains_to_a_time_budget_and_its_chosen_threshold_travels_to_segment(
+    ray_session, gala_layers, tmp_path
+):
+    """``model.name=unet`` in the same job; ``run.time_budget_s`` ends training at a checkpoint
+    long before ``run.steps``; the threshold validation chose is in the checkpoint, and
+    ``segment`` uses it when not told otherwise."""
+    from neuroray.segmentation.blockwise import SegmentJob, segment
+
+    job = _job(tmp_path, "em", gala_layers["raw"], gala_layers["labels"],
+               roi=[0, 0, 0, 34, 100, 200], val_roi=[34, 0, 0, 50, 100, 200], steps=10_000)
+    data = job.model_dump(mode="json")
+    data["model"] = {"name": "unet", "unet": {"channels": [4, 8, 16]}}
+    data["run"].update(time_budget_s=4.0, checkpoint_every=10_000, name="ft_unet")
+    job = validate(FinetuneJob, data)
+    assert job.model.window == (16, 64, 64)  # filled from the crop
+    metrics = finetune(job).metrics
+    assert 1 <= metrics["step"] < 10_000 and metrics["trained_s"] >= 4.0
+    checkpoint = load_model_checkpoint(tmp_path / "runs" / "ft_unet")
+    assert checkpoint["postprocess"] == {"threshold": metrics["val_threshold"]}
+    assert not any(k.startswith("encoder.") for k in checkpoint["state_dict"])
+
+    result = segment(SegmentJob(checkpoint=str(tmp_path / "runs" / "ft_unet"),
+                                image=gala_layers["raw"], output=str(tmp_path / "seg"),
+                                roi=[0, 0, 0, 25, 50, 100], block_shape=[25, 50, 100]),
+                     progress=False)
+    assert result.threshold == metrics["val_threshold"]
+    assert open_volume(result.layers["segmentation"])[:25, :50, :100].max() >= 1
+
+
 def test_finetune_config_errors(gala_layers):
     with pytest.raises(ConfigError, match="needs data.labels"):
         validate(FinetuneJob, {"data": {"image": gala_layers["raw"]}})
+    with pytest.raises(ConfigError, match="must equal model.unet.window"):
+        validate(FinetuneJob, {"data": {"image": "a", "labels": "b"},
+                               "model": {"name": "unet", "unet": {"window": [8, 32, 32]}}})
     with pytest.raises(ConfigError, match="model.init"):
         validate(FinetuneJob, {"data": {"image": "a", "labels": "b",
                                         "sampler": {"crop_shape": [32, 160, 160]}},
