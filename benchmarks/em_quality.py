@@ -1,21 +1,36 @@
-"""EM segmentation quality of scratch vs pretrained encoders at one fixed CPU budget.
+"""EM segmentation quality tables on matched wall-clock budgets, three seeds, baseline first.
 
-    .venv/bin/python benchmarks/em_quality.py --out runs/em_quality            # scratch + MAE
-    .venv/bin/python benchmarks/em_quality.py --pretrained dbmim=runs/x mscon=runs/y
-    .venv/bin/python benchmarks/em_quality.py --mito                             # mitochondria
+    .venv/bin/python benchmarks/em_quality.py                                    # EM neurons
+    .venv/bin/python benchmarks/em_quality.py --rows unet --seeds 3 4            # add seeds later
+    .venv/bin/python benchmarks/em_quality.py --low-label 0.1                    # 10% of labels
+    .venv/bin/python benchmarks/em_quality.py --task mito                        # mitochondria
+    .venv/bin/python benchmarks/em_quality.py --rows unetr-mae --pretrain-min 15 # MAE first
 
-Neurons (fib_medulla_s2, 250³ at 10 nm, dense labels): fine-tune on z < 170, choose the waterz
-threshold on the validation slab 170 ≤ z < 200, and report VOI split / merge, ARAND and CREMI
-score on the untouched test slab z ≥ 200 (the issue's split, with validation carved out of the
-training part so nothing is tuned on the test slab). Pretraining (MAE, and dbMiM / MS-Con when
-their checkpoints are given) uses the unlabelled fib_medulla_s1_raw cube only.
+**Neurons** (fib_medulla_s2, 250³ at 10 nm, dense labels): fine-tune on z < 170, validate on
+170 ≤ z < 200 (where each row chooses its waterz threshold), test on z ≥ 200, untouched by any
+choice. Every EM row's model also segments **fib_gala_train** (another FIB-SEM cube, never seen;
+0 = boundary) at the threshold its own validation chose: the cross-volume table.
+``--low-label F`` fine-tunes on a contiguous fraction F of the training slab (z from 0).
+**Mitochondria** (vnc_stack1_mito, 20 sections at 50 × 4.6 × 4.6 nm): train 0–13, validate
+14–15 (threshold chosen there), test 16–19.
 
-Mitochondria (vnc_stack1_mito, 20 sections at 50 × 4.6 × 4.6 nm): fine-tune on sections 0–13,
-validate on 14–15, report Dice and IoU on 16–19 (8×128×128 crops: the slab is 14 deep). ``--low-label F`` also trains on only a fraction F of the training
-region (the setting where MS-Con claims its largest gain).
+Rows: the **no-learning baseline** first (segmentation/baseline.py: smoothed intensity → waterz
+for EM, one intensity threshold for mito; parameters chosen on z < 200 / sections 0–15, i.e. on
+training and validation data), then each learned row of ``--rows``: ``unet`` (the residual U-Net
+from scratch), ``unetr`` (UNETR from scratch), ``unetr-mae`` (UNETR from MAE pretraining on the
+unlabelled fib_medulla_s1_raw cube for ``--pretrain-min`` minutes, per seed) and any
+``--pretrained NAME=CHECKPOINT`` (a UNETR initialised from that checkpoint). Every learned row
+trains for the same ``--budget-min`` minutes of training time on the whole machine
+(``run.time_budget_s``; validation and test inference are not counted), from the shipped config
+(``configs/finetune_em.yaml`` / ``finetune_mito.yaml``) with the overrides listed per row.
 
-Every run uses the same encoder, crop, steps, batch and learning rate; seeds are listed with the
-results. Results go to ``<out>/results.json`` and a markdown table on stdout.
+Runs are resumable in parts: each (row, seed) is appended to ``<out>/rows.jsonl`` when it
+finishes and skipped by a rerun with the same settings; ``benchmarks/results/<table>.json`` is
+rewritten after each (``em_neurons``, ``em_neurons_low_label``, ``em_cross_volume``, ``mito``):
+one entry per row with ``name``, ``model``, ``init``, ``budget_s``, ``label_fraction``, ``seeds``,
+per-seed lists of each metric, their mean and sd, and the config file and overrides.
+Seeds run interleaved (seed 0 of every row, then seed 1, ...) so load on a shared machine falls
+on every row alike; each record keeps the 1-minute load average before and after it.
 """
 
 from __future__ import annotations
@@ -23,8 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,184 +49,252 @@ from neuroray.errors import NeurorayError
 from neuroray.platform.provenance import check_resume, local_dir, write_fingerprint
 from neuroray.platform.storage import remove_tree
 
-#: What every row changes in the shipped configs (neuroray/configs/*.yaml, `configs/` in a
-#: checkout): one smaller encoder for all rows, one chunk server, 50-step epochs and logging.
-SHARED_OVERRIDES = [
+RESULTS = Path(__file__).parent / "results"
+UNETR_ENCODER = [  # one small ViT for every UNETR row, CPU-sized (the shipped config's is larger)
     "model.encoder.width=128",
     "model.encoder.depth=4",
     "model.encoder.heads=4",
-    "data.num_servers=1",
-    "run.steps_per_epoch=50",
-    "run.report_every=50",
-    "run.preview_every=50",
 ]
-#: Pretraining rows (MAE, its random-masking control, dbMiM): a longer warm-up.
-PRETRAIN_OVERRIDES = [*SHARED_OVERRIDES, "optim.warmup_steps=100"]
-#: MS-Con: MAE's encoder and learning rate so the rows compare; a coarser pooled grid.
-MSCON_OVERRIDES = [*PRETRAIN_OVERRIDES, "model.pool_grid=[8, 8, 8]", "optim.lr=0.0003"]
-#: Fine-tuning rows, per task: (shipped config, its overrides); ROIs, crops, init are per row.
-FINETUNE_CONFIGS = {
-    "em": ("finetune_em", [*SHARED_OVERRIDES, "optim.warmup_steps=30", "targets.grow_boundary=0"]),
-    "mito": ("finetune_mito", [*SHARED_OVERRIDES, "optim.warmup_steps=30"]),
+#: What every learned row changes in its shipped config: one chunk server, logging, and a
+#: checkpoint (with validation) only at the end of the budget.
+SHARED = [
+    "data.num_servers=1",
+    "run.steps=1000000",
+    "run.checkpoint_every=1000000",
+    "run.steps_per_epoch=50",
+    "run.report_every=25",
+    "run.preview_every=1000000",
+]
+TASKS = {
+    "em": {
+        "config": "finetune_em",
+        "image": ("em/fib_medulla_s2.h5#raw", (64, 64, 64)),
+        "labels": ("em/fib_medulla_s2.h5#labels", (64, 64, 64)),
+        "train": [0, 0, 0, 170, 250, 250],
+        "validate": [170, 0, 0, 200, 250, 250],
+        "test": [200, 0, 0, 250, 250, 250],
+        "crops": {"unet": [32, 96, 96], "unetr": [16, 64, 64]},
+        "overrides": ["optim.warmup_steps=30"],
+    },
+    "mito": {
+        "config": "finetune_mito",
+        "image": ("em/vnc_stack1_mito.h5#raw", (4, 128, 128)),
+        "labels": ("em/vnc_stack1_mito.h5#mitochondria", (4, 128, 128)),
+        "train": [0, 0, 0, 14, 1024, 1024],
+        "validate": [14, 0, 0, 16, 1024, 1024],
+        "test": [16, 0, 0, 20, 1024, 1024],
+        "crops": {"unet": [8, 128, 128], "unetr": [8, 128, 128]},
+        "overrides": ["optim.warmup_steps=30"],
+    },
 }
-CROP = [16, 64, 64]
-MITO_CROP = [8, 128, 128]  # vnc_stack1 has 20 sections at 50 nm: train on 14, so crops are 8 deep
+ROW_MODELS = {
+    "unet": ["model.name=unet", "model.unet.size=small", "optim.lr=0.0005"],
+    "unetr": ["model.name=unetr", *UNETR_ENCODER],
+}
 
 
-def ingest_all(data: str, layers: Path) -> dict[str, str]:
+# ---------------------------------------------------------------------- data
+def ingest_layers(data: str, layers: Path, task: str) -> dict[str, str]:
+    """The task's image and labels (and, for EM, the MAE cube and fib_gala_train) as layers."""
     from neuroray.platform.ingest import ingest
 
-    sources = {
-        "s1_raw": (f"{data}/em/fib_medulla_s1_raw.h5#raw", False),
-        "s2_raw": (f"{data}/em/fib_medulla_s2.h5#raw", False),
-        "s2_labels": (f"{data}/em/fib_medulla_s2.h5#labels", True),
-        "vnc_raw": (f"{data}/em/vnc_stack1_mito.h5#raw", False),
-        "vnc_mito": (f"{data}/em/vnc_stack1_mito.h5#mitochondria", True),
-    }
+    sources = {k: TASKS[task][k] for k in ("image", "labels")}
+    if task == "em":
+        sources.update(
+            s1_raw=("em/fib_medulla_s1_raw.h5#raw", (64, 64, 64)),
+            gala_raw=("em/fib_gala_train.h5#raw", (25, 50, 100)),
+            gala_labels=("em/fib_gala_train.h5#labels", (25, 50, 100)),
+        )
     urls = {}
-    for name, (src, labels) in sources.items():
-        urls[name] = str(layers / name)
-        chunks = (4, 128, 128) if name.startswith("vnc") else (64, 64, 64)
-        ingest(src, urls[name], chunk_shape=chunks, labels=labels, progress=False)
+    for name, (source, chunks) in sources.items():
+        urls[name] = str(layers / task / name)
+        labels = "labels" in name
+        ingest(f"{data}/{source}", urls[name], chunk_shape=chunks, labels=labels, progress=False)
     return urls
 
 
-def load_job(model: type, config: str, overrides: list[str]) -> tuple[object, dict]:
-    """Shipped config ``config`` with ``overrides`` (as the CLI applies them), and the row's
-    record of both."""
+def read(url: str, roi: list[int]) -> np.ndarray:
+    from neuroray.platform.box import Box
+    from neuroray.platform.volume import open_volume
+
+    return open_volume(url).read(Box.from_list(roi))
+
+
+def voxel_size(url: str) -> tuple[float, float, float]:
+    from neuroray.platform.volume import open_volume
+
+    return tuple(open_volume(url).voxel_size)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------- rows
+def baseline_row(task: str, urls: dict[str, str]) -> dict[str, Any]:
+    """The no-learning row: parameters chosen on training + validation data, scored on test."""
+    from neuroray.segmentation.baseline import fit_binary_baseline, fit_em_baseline
+
+    spec = TASKS[task]
+    choose = [*spec["train"][:3], *spec["validate"][3:]]  # train + validate: everything not test
+    vs = voxel_size(urls["image"])
+    fit = fit_em_baseline if task == "em" else fit_binary_baseline
+    baseline = fit(read(urls["image"], choose), read(urls["labels"], choose), vs)
+    tests = {"test": score(task, baseline.segment(read(urls["image"], spec["test"])),
+                           read(urls["labels"], spec["test"]), vs)}  # fmt: skip
+    if task == "em":
+        gala = [0, 0, 0, 50, 100, 200]
+        tests["cross"] = score(task, baseline.segment(read(urls["gala_raw"], gala)),
+                               read(urls["gala_labels"], gala), vs)  # fmt: skip
+    return {"name": f"no-learning: {baseline.describe()}", "model": "none", "init": "none",
+            "params": baseline.params(), **tests}  # fmt: skip
+
+
+def score(task: str, segmentation: np.ndarray, labels: np.ndarray, vs) -> dict[str, float]:
+    from neuroray.segmentation.tasks import get_task
+
+    metrics = get_task(task).evaluate(segmentation, labels, voxel_size=vs)
+    return {k: round(float(v), 4) for k, v in metrics.items()}
+
+
+def pretrain_mae(urls: dict[str, str], out: Path, minutes: float, seed: int) -> tuple[str, dict]:
+    """MAE on fib_medulla_s1_raw for ``minutes`` of training time; its checkpoint and job."""
     from neuroray import configs
-
-    return configs.load(model, config, overrides), {
-        "config": f"configs/{config}.yaml",
-        "overrides": list(overrides),
-    }
-
-
-def _pretrain_overrides(urls: dict[str, str], out: Path, name: str, steps: int, seed: int):
-    """What every pretraining row sets on top of its shared overrides: data, run, seed."""
-    from neuroray.config import override
-
-    return [
-        override("data.image", urls["s1_raw"]),
-        override("data.sampler.seed", seed),
-        override("run.name", f"{name}_s1_seed{seed}"),
-        override("run.storage_path", str(out / "runs")),
-        override("run.steps", steps),
-        override("run.checkpoint_every", steps),
-        override("run.seed", seed),
-    ]
-
-
-def pretrain_mae(urls, out, steps, seed, ratio=0.75, name="mae") -> tuple[str, dict, dict]:
     from neuroray.config import override
     from neuroray.trainers.pretrain import MAEJob, pretrain
 
-    job, spec = load_job(
-        MAEJob,
-        "pretrain_mae",
-        [
-            *PRETRAIN_OVERRIDES,
-            *_pretrain_overrides(urls, out, name, steps, seed),
-            override("masking.ratio", ratio),
-        ],
-    )
-    result = pretrain(job)
-    return result.checkpoint.path, result.metrics, spec
+    overrides = [
+        *UNETR_ENCODER,
+        "data.num_servers=1",
+        "optim.warmup_steps=100",
+        override("data.image", urls["s1_raw"]),
+        override("data.sampler.seed", seed),
+        override("run.name", f"mae_s1_seed{seed}"),
+        override("run.storage_path", str(out / "runs")),
+        "run.steps=1000000",
+        "run.checkpoint_every=1000000",
+        override("run.time_budget_s", minutes * 60),
+        override("run.seed", seed),
+    ]
+    result = pretrain(configs.load(MAEJob, "pretrain_mae", overrides))
+    return result.checkpoint.path, {"config": "configs/pretrain_mae.yaml", "overrides": overrides}
 
 
-def pretrain_dbmim(urls, out, steps, seed) -> tuple[str, dict, dict]:
-    from neuroray.agents.dbmim import DbMiMJob, run_dbmim
+def learned_row(
+    task: str, row: str, init: str, urls: dict[str, str], out: Path, seed: int,
+    budget_s: float, train_roi: list[int],
+) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune one row for ``budget_s`` of training time, then score its test slab (and, for
+    EM, fib_gala_train) at the threshold its validation chose."""
+    from neuroray import configs
     from neuroray.config import override
-
-    job, spec = load_job(
-        DbMiMJob,
-        "pretrain_dbmim",
-        [
-            *PRETRAIN_OVERRIDES,
-            *_pretrain_overrides(urls, out, "dbmim", steps, seed),
-            override("rl.seed", seed),
-        ],
-    )
-    result = run_dbmim(job)
-    return result.checkpoint.path, result.metrics, spec
-
-
-def pretrain_mscon(urls, out, steps, seed) -> tuple[str, dict, dict]:
-    from neuroray.trainers.mscon import MSConJob, run_mscon
-
-    job, spec = load_job(
-        MSConJob,
-        "pretrain_mscon",
-        [*MSCON_OVERRIDES, *_pretrain_overrides(urls, out, "mscon", steps, seed)],
-    )
-    result = run_mscon(job)
-    return result.checkpoint.path, result.metrics, spec
-
-
-def finetune_run(
-    task: str,
-    image: str,
-    labels: str,
-    init: str,
-    roi,
-    val_roi,
-    out: Path,
-    name: str,
-    steps: int,
-    seed: int,
-    crop: list[int],
-) -> tuple[str, dict, dict]:
-    from neuroray.config import override
+    from neuroray.platform.augment import as_float_image
+    from neuroray.segmentation.blockwise import load_segmenter
+    from neuroray.segmentation.inference import predict_array, segment_affinities, segment_binary
     from neuroray.trainers.finetune import FinetuneJob, finetune
 
-    config, overrides = FINETUNE_CONFIGS[task]
-    job, spec = load_job(
-        FinetuneJob,
-        config,
-        [
-            *overrides,
-            override("data.image", image),
-            override("data.labels", labels),
-            override("data.sampler.crop_shape", crop),
-            override("data.sampler.roi", roi),
-            override("data.sampler.seed", seed),
-            override("model.encoder.img_size", crop),
-            override("model.init", init),
-            override("optim.layer_decay", 0.9 if init != "scratch" else None),
-            override("validation.roi", val_roi),
-            override("run.name", name),
-            override("run.storage_path", str(out / "runs")),
-            override("run.steps", steps),
-            override("run.checkpoint_every", steps),
-            override("run.seed", seed),
-        ],
+    spec = TASKS[task]
+    model = "unet" if row == "unet" else "unetr"
+    crop = spec["crops"][model]
+    overrides = [
+        *SHARED,
+        *spec["overrides"],
+        *ROW_MODELS[model],
+        override("data.image", urls["image"]),
+        override("data.labels", urls["labels"]),
+        override("data.sampler.crop_shape", crop),
+        override("data.sampler.roi", train_roi),
+        override("data.sampler.seed", seed),
+        *([override("model.encoder.img_size", crop)] if model == "unetr" else []),
+        override("model.init", init),
+        override("optim.layer_decay", 0.9 if init != "scratch" else None),
+        override("validation.roi", spec["validate"]),
+        override("run.name", f"{task}_{row}_{train_roi[3]}_seed{seed}"),
+        override("run.storage_path", str(out / "runs")),
+        override("run.time_budget_s", budget_s),
+        override("run.seed", seed),
+    ]
+    started = time.perf_counter()
+    result = finetune(configs.load(FinetuneJob, spec["config"], overrides))
+    trained = time.perf_counter() - started
+    network, info = load_segmenter(result.checkpoint.path)
+    vs = voxel_size(urls["image"])
+
+    def segment(image_url: str, roi: list[int]) -> np.ndarray:
+        probs = predict_array(network, as_float_image(read(image_url, roi)), info.window)
+        if task == "em":
+            return segment_affinities(probs, [info.threshold], voxel_size=vs)[info.threshold]
+        return segment_binary(probs[0], info.threshold)
+
+    t0 = time.perf_counter()
+    tests = {"test": score(task, segment(urls["image"], spec["test"]),
+                           read(urls["labels"], spec["test"]), vs)}  # fmt: skip
+    infer_s = time.perf_counter() - t0
+    if task == "em":
+        gala = [0, 0, 0, 50, 100, 200]
+        tests["cross"] = score(task, segment(urls["gala_raw"], gala),
+                               read(urls["gala_labels"], gala), vs)  # fmt: skip
+    metrics = result.metrics
+    test_voxels = int(np.prod(np.subtract(spec["test"][3:], spec["test"][:3])))
+    return {
+        "name": f"{model} {'scratch' if init == 'scratch' else row.removeprefix(model + '-')}",
+        "model": model,
+        "init": init,
+        "steps": int(metrics["step"]),
+        "trained_s": round(float(metrics["trained_s"]), 1),
+        "wall_s": round(trained, 1),
+        "samples_per_s": round(float(metrics.get("samples_per_s", 0.0)), 2),
+        "threshold": info.threshold,
+        "validation": {k: v for k, v in metrics.items() if k.startswith("val_")},
+        "test_voxels_per_s": round(test_voxels / infer_s),
+        **tests,
+        "config": f"configs/{spec['config']}.yaml",
+        "overrides": overrides,
+    }
+
+
+# ---------------------------------------------------------------------- tables
+def write_tables(records: list[dict], task: str, label_fraction: float, budget_s: float) -> None:
+    """Aggregate finished records into benchmarks/results/<table>.json (rows in run order)."""
+    tables = (
+        {"mito": "test"}
+        if task == "mito"
+        else {"em_neurons" + ("_low_label" if label_fraction < 1 else ""): "test"}
     )
-    result = finetune(job)
-    return result.checkpoint.path, result.metrics, spec
+    if task == "em" and label_fraction == 1:
+        tables["em_cross_volume"] = "cross"
+    RESULTS.mkdir(exist_ok=True)
+    for table, part in tables.items():
+        rows: dict[str, dict] = {}
+        for rec in records:
+            row = rows.setdefault(rec["row"], {
+                "name": rec["name"], "model": rec["model"], "init": rec["init"],
+                "budget_s": None if rec["model"] == "none" else budget_s,
+                "label_fraction": label_fraction, "seeds": [], "metrics": {},
+                "config": rec.get("config"), "overrides": rec.get("overrides", []),
+            })  # fmt: skip
+            row["seeds"].append(rec["seed"])
+            for key, value in rec[part].items():
+                row["metrics"].setdefault(key, []).append(value)
+        out = []
+        for row in rows.values():
+            flat = {**{k: v for k, v in row.items() if k != "metrics"}, **row["metrics"]}
+            flat["mean"] = {k: round(statistics.fmean(v), 4) for k, v in row["metrics"].items()}
+            flat["sd"] = {
+                k: round(statistics.stdev(v), 4) if len(v) > 1 else 0.0
+                for k, v in row["metrics"].items()
+            }
+            out.append(flat)
+        (RESULTS / f"{table}.json").write_text(json.dumps(out, indent=2) + "\n")
+        print_table(table, out)
 
 
-def score_test_slab(
-    task: str, checkpoint: str, image: str, labels: str, test_roi, threshold: float
-) -> dict:
-    """Predict the test slab with the fine-tuned model and score it at the chosen threshold."""
-    from neuroray.platform.box import Box
-    from neuroray.platform.volume import open_volume
-    from neuroray.segmentation.blockwise import load_segmenter
-    from neuroray.segmentation.evaluate import evaluate_arrays
-    from neuroray.segmentation.inference import predict_array, segment_affinities, segment_binary
-    from neuroray.segmentation.tasks import get_task
-
-    model, job = load_segmenter(checkpoint)
-    box = Box.from_list(test_roi)
-    raw = open_volume(image).read(box).astype(np.float32) / 255
-    truth = open_volume(labels).read(box)
-    probs = predict_array(model, raw, job.model.encoder.img_size)
-    if get_task(task).instances:
-        seg = segment_affinities(probs, [threshold], voxel_size=open_volume(image).voxel_size)[
-            threshold
+def print_table(table: str, rows: list[dict]) -> None:
+    keys = ["voi", "voi_split", "voi_merge", "arand"] if "dice" not in rows[0] else ["dice", "iou"]
+    print(f"\n### {table}\n\n| row | seeds | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---:|" * len(keys))
+    for row in rows:
+        cells = [
+            f"{row['mean'][k]:.3f} ± {row['sd'][k]:.3f} ({', '.join(f'{v:.3f}' for v in row[k])})"
+            for k in keys
         ]
-        return evaluate_arrays(seg, truth, "em")
-    return evaluate_arrays(segment_binary(probs[0], 0.5), truth, "binary")
+        print(f"| {row['name']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -218,38 +303,25 @@ def main() -> None:
     )
     parser.add_argument("--data", default=os.environ.get("NEURORAY_DATA", "../shared/data"))
     parser.add_argument("--out", default="runs/em_quality")
-    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps (batch 4)")
-    parser.add_argument(
-        "--pretrain-steps", type=int, default=3000, help="MAE / dbMiM steps (batch 8)"
-    )
-    parser.add_argument(
-        "--mscon-steps",
-        type=int,
-        default=300,
-        help="MS-Con steps (batch 4; ~30x costlier per sample)",
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=["scratch", "mae"],
-        help="scratch mae dbmim control mscon (control = random masking at dbMiM's ratio)",
-    )
+    parser.add_argument("--task", choices=sorted(TASKS), default="em")
+    parser.add_argument("--rows", nargs="+", default=["unet", "unetr"],
+                        help="unet unetr unetr-mae (the baseline row always comes first)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget-min", type=float, default=5.0, help="training minutes per row")
+    parser.add_argument("--pretrain-min", type=float, default=15.0, help="MAE minutes per seed")
     parser.add_argument("--pretrained", nargs="*", default=[], metavar="NAME=CHECKPOINT")
-    parser.add_argument("--mito", action="store_true", help="also run the mitochondria comparison")
-    parser.add_argument("--low-label", type=float, default=None, help="fraction of training region")
-    parser.add_argument("--skip-neurons", action="store_true")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="start over in --out (runs, layers, results)"
-    )
+    parser.add_argument("--low-label", type=float, default=1.0, help="fraction of training slab")
+    parser.add_argument("--overwrite", action="store_true", help="start over in --out")
     args = parser.parse_args()
-    out = Path(args.out)
-    # Runs, layers and results.json in --out are reused by a rerun only when they were made
-    # with the same data and budgets (seeds and methods may be added); else refuse or start over.
+    out = Path(args.out) / f"{args.task}_{args.low_label:g}"
+    budget_s = args.budget_min * 60
     settings = {
-        "kind": "em_quality",
+        "kind": "em_quality/2",
         "data": str(Path(args.data).resolve()),
-        **{k: getattr(args, k) for k in ("steps", "pretrain_steps", "mscon_steps", "low_label")},
+        "task": args.task,
+        "budget_s": budget_s,
+        "pretrain_min": args.pretrain_min,
+        "label_fraction": args.low_label,
     }
     if args.overwrite:
         remove_tree(local_dir(out))
@@ -261,169 +333,40 @@ def main() -> None:
 
     from neuroray.runtime import connect
 
-    connect(num_cpus=2, object_store_mb=1024, log_to_driver=False)
-    urls = ingest_all(args.data, out / "layers")
-    inits = {"scratch": "scratch"} if "scratch" in args.methods else {}
-    for item in args.pretrained:
-        name, _, path = item.partition("=")
-        inits[name] = f"checkpoint:{path}"
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else []
+    connect(object_store_mb=1024, log_to_driver=False)
+    urls = ingest_layers(args.data, out.parent / "layers", args.task)
+    spec = TASKS[args.task]
+    train_roi = list(spec["train"])
+    train_roi[3] = spec["train"][0] + round((spec["train"][3] - spec["train"][0]) * args.low_label)
+    log = out / "rows.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["row"], r["seed"]) for r in records}
 
-    def record(row: dict) -> None:
-        results.append(row)
-        results_path.write_text(json.dumps(results, indent=2))
-        print(json.dumps(row), flush=True)
+    def record(row: str, seed: int, result: dict) -> None:
+        result.update(row=row, seed=seed, load_before=load_before, load_after=os.getloadavg()[0])
+        records.append(result)
+        with log.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        write_tables(records, args.task, args.low_label, budget_s)
 
+    if ("no-learning", 0) not in done:
+        load_before = os.getloadavg()[0]
+        record("no-learning", 0, baseline_row(args.task, urls))
+    inits = {"unet": "scratch", "unetr": "scratch"}
+    inits.update(dict(item.partition("=")[::2] for item in args.pretrained))
     for seed in args.seeds:
-        jobs = [
-            (
-                "mae",
-                lambda seed=seed: pretrain_mae(urls, out, args.pretrain_steps, seed),
-                args.pretrain_steps,
-            ),
-            (
-                "dbmim",
-                lambda seed=seed: pretrain_dbmim(urls, out, args.pretrain_steps, seed),
-                args.pretrain_steps,
-            ),
-            (
-                "mscon",
-                lambda seed=seed: pretrain_mscon(urls, out, args.mscon_steps, seed),
-                args.mscon_steps,
-            ),
-        ]
-        for method, run_pretraining, steps in jobs:
-            if method not in args.methods:
+        for row in [*args.rows, *(item.partition("=")[0] for item in args.pretrained)]:
+            if (row, seed) in done:
                 continue
-            t0 = time.perf_counter()
-            checkpoint, metrics, job = run_pretraining()
-            inits[method] = f"checkpoint:{checkpoint}"
-            record(
-                {
-                    "kind": "pretrain",
-                    "method": method,
-                    "seed": seed,
-                    "steps": steps,
-                    "final_loss": metrics.get("loss"),
-                    "mask_ratio": metrics.get("mask_ratio"),
-                    "seconds": round(time.perf_counter() - t0, 1),
-                    **job,
-                }
-            )
-            if method == "dbmim" and "control" in args.methods:
-                ratio = round(float(metrics["mask_ratio"]), 2)  # where the policy settled
-                t0 = time.perf_counter()
-                checkpoint, metrics, job = pretrain_mae(
-                    urls, out, steps, seed, ratio=ratio, name="control"
-                )
-                inits["control"] = f"checkpoint:{checkpoint}"
-                record(
-                    {
-                        "kind": "pretrain",
-                        "method": f"control (random masking, ratio {ratio})",
-                        "seed": seed,
-                        "steps": steps,
-                        "final_loss": metrics.get("loss"),
-                        "mask_ratio": ratio,
-                        "seconds": round(time.perf_counter() - t0, 1),
-                        **job,
-                    }
-                )
-        settings = []
-        if not args.skip_neurons:
-            settings.append(
-                (
-                    "em",
-                    "s2_raw",
-                    "s2_labels",
-                    [0, 0, 0, 170, 250, 250],
-                    [170, 0, 0, 200, 250, 250],
-                    [200, 0, 0, 250, 250, 250],
-                    "neurons",
-                    CROP,
-                )
-            )
-        if args.mito:
-            settings.append(
-                (
-                    "mito",
-                    "vnc_raw",
-                    "vnc_mito",
-                    [0, 0, 0, 14, 1024, 1024],
-                    [14, 0, 0, 16, 1024, 1024],
-                    [16, 0, 0, 20, 1024, 1024],
-                    "mito",
-                    MITO_CROP,
-                )
-            )
-        for task, image, labels, roi, val_roi, test_roi, label, crop in settings:
-            rois = [("full", roi)]
-            if args.low_label:  # a fraction of the training region, cut along its longest axis
-                axis = int(np.argmax(np.subtract(roi[3:], roi[:3])))
-                small = list(roi)
-                small[axis + 3] = roi[axis] + max(
-                    crop[axis], round((roi[axis + 3] - roi[axis]) * args.low_label)
-                )
-                rois.append((f"{args.low_label:.0%} labels", small))
-            for regime, train_roi in rois:
-                for method, init in inits.items():
-                    name = f"{label}_{method}_{regime.split()[0]}_seed{seed}"
-                    t0 = time.perf_counter()
-                    checkpoint, val, job = finetune_run(
-                        task,
-                        urls[image],
-                        urls[labels],
-                        init,
-                        train_roi,
-                        val_roi,
-                        out,
-                        name,
-                        args.steps,
-                        seed,
-                        crop,
-                    )
-                    threshold = float(val.get("val_threshold", 0.5))
-                    scores = score_test_slab(
-                        task, checkpoint, urls[image], urls[labels], test_roi, threshold
-                    )
-                    record(
-                        {
-                            "kind": label,
-                            "method": method,
-                            "regime": regime,
-                            "seed": seed,
-                            "steps": args.steps,
-                            "threshold": threshold,
-                            "validation": {k: v for k, v in val.items() if k.startswith("val_")},
-                            "test": scores,
-                            "seconds": round(time.perf_counter() - t0, 1),
-                            **job,
-                        }
-                    )
-
-    print(
-        "\n| task | regime | method | seed | VOI split | VOI merge | VOI | ARAND | CREMI | Dice | IoU |"
-    )
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for row in results:
-        if row["kind"] == "pretrain":
-            continue
-        t = row["test"]
-        cells = [
-            f"{t[k]:.3f}" if k in t else "–"
-            for k in ("voi_split", "voi_merge", "voi", "arand", "cremi_score", "dice", "iou")
-        ]
-        print(
-            f"| {row['kind']} | {row['regime']} | {row['method']} | {row['seed']} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    print("\nJobs: each row's shipped config and the overrides it ran (also in results.json)")
-    for row in results:
-        if "config" in row:
-            what = f"{row['kind']} {row.get('regime', '')} {row['method']} seed {row['seed']}"
-            print(f"- {' '.join(what.split())}: {row['config']} {' '.join(row['overrides'])}")
+            load_before = os.getloadavg()[0]
+            init = inits.get(row, "")
+            if row == "unetr-mae":
+                checkpoint, _ = pretrain_mae(urls, out, args.pretrain_min, seed)
+                init = f"checkpoint:{checkpoint}"
+            elif row not in ("unet", "unetr"):
+                init = f"checkpoint:{init}"
+            record(row, seed, learned_row(args.task, row, init, urls, out, seed, budget_s,
+                                          train_roi))  # fmt: skip
 
 
 if __name__ == "__main__":
