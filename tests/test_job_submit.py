@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from neuroray.models.checkpoint import load_model_checkpoint
 from neuroray.platform.ingest import ingest
-from neuroray.trainers.loop import load_model_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -14,8 +14,8 @@ from torch import nn
 
 from neuroray.agents.config import DbMiMJob
 from neuroray.models.policy import PolicyConfig, build_policy_net
+from neuroray.paths import is_remote
 from neuroray.trainers.dbmim import DbMiMError
-from neuroray.trainers.loop import is_remote
 
 
 def save_policy(

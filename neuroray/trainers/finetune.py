@@ -40,7 +40,8 @@ from neuroray.trainers.data import (
     crop_batches,
     run_with_pool,
 )
-from neuroray.trainers.loop import TrainJob, TrainTask
+from neuroray.trainers.loop import TrainTask
+from neuroray.trainers.settings import TrainJob
 
 
 class FinetuneModel(SegmenterConfig):

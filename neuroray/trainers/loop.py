@@ -3,7 +3,9 @@
 A job plugs a :class:`TrainTask` (model, batches, loss, previews, hooks) into :func:`fit`, which
 runs it on a ``TorchTrainer`` (Train V2 API). The loop owns what every job needs: device and
 DDP, bf16 autocast on CUDA, AdamW with warmup + cosine decay, gradient clipping, checkpoints
-through ``ray.train.report`` every N steps, resume, and TensorBoard from rank 0.
+through ``ray.train.report`` every N steps, resume, and TensorBoard from rank 0. The job's
+``run`` / ``optim`` sections are :mod:`neuroray.trainers.settings`; the learning-rate schedule
+and the time budget's clock are :mod:`neuroray.trainers.schedule`.
 
 **Resume.** Rerunning with the same ``run.name`` and ``run.storage_path`` continues from the
 latest checkpoint (``ray.train.get_checkpoint()``); so does Train's automatic recovery after a
@@ -23,99 +25,20 @@ import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
-from neuroray.config import RaySettings, StrictModel
 from neuroray.errors import NeurorayError
-from neuroray.models.checkpoint import (
-    load_model_checkpoint as load_model_checkpoint,  # re-exported: the contract is in models/
-)
 from neuroray.models.checkpoint import load_tensors, write_model_file
-from neuroray.paths import OutputPath, RunName, is_remote
-
-
-class OptimSettings(StrictModel):
-    """AdamW with linear warmup then cosine decay to ``min_lr``."""
-
-    lr: float = Field(1.5e-4, gt=0)
-    min_lr: float = Field(1e-6, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(10, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    layer_decay: float | None = Field(None, gt=0, le=1)
-    """Layer-wise learning-rate decay (fine-tuning); None = one rate for all layers."""
-
-
-class RunSettings(StrictModel):
-    """Where a run lives, how long it trains, and on what."""
-
-    name: RunName = "run"
-    storage_path: OutputPath = Field("runs", validate_default=True)
-    """Where runs live (a local folder, made absolute where the job is built, or s3:// / gs://)."""
-    steps: int = Field(100, ge=1)
-    time_budget_s: float | None = Field(None, gt=0)
-    """Train for at most this many seconds of loop time (validation and checkpoint writing not
-    counted) and then stop at a checkpoint; ``steps`` stays the upper bound. The learning-rate
-    schedule follows whichever of steps and time is further along, so a budget-limited run still
-    decays fully. Quality comparisons give every row the same budget, not the same steps."""
-    batch_size: int = Field(2, ge=1)
-    """Crops per worker per step."""
-    steps_per_epoch: int = Field(50, ge=1)
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float | None = Field(None, gt=0)
-    """CPUs each worker reserves and gives torch as threads. None: the CPUs Ray has free when the
-    run starts, shared among the workers (a laptop's whole machine; chunk servers reserve none)."""
-    use_gpu: bool = False
-    amp: Literal["auto", "bf16", "off"] = "auto"
-    """"auto": bf16 autocast on CUDA, full precision on CPU."""
-    checkpoint_every: int = Field(50, ge=1)
-    report_every: int = Field(10, ge=1)
-    preview_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(1, ge=0)
-    seed: int = 0
-    tensorboard_dir: OutputPath | None = None
-    """Default: <storage_path>/<name>/tensorboard for local storage, ./runs/<name>/tensorboard
-    for remote storage."""
-    fail_at_step: int | None = None
-    """Fault injection for tests and drills: fail once at this step (first attempt only)."""
-    fail_mode: Literal["raise", "exit"] = "raise"
-    """How ``fail_at_step`` fails: "raise" a Python error in the loop, or "exit" the worker
-    process at once (``os._exit``, no cleanup), as a preempted or OOM-killed node would."""
-
-    def run_dir(self) -> str:
-        return f"{absolute_storage(self.storage_path)}/{self.name}"
-
-    def tensorboard_path(self) -> Path:
-        if self.tensorboard_dir:
-            return Path(self.tensorboard_dir)
-        if is_remote(self.storage_path):
-            return Path("runs") / self.name / "tensorboard"
-        return Path(self.run_dir()) / "tensorboard"
-
-
-class TrainJob(StrictModel):
-    """Fields every training job has; concrete jobs add model, data and task sections."""
-
-    run: RunSettings = RunSettings()
-    optim: OptimSettings = OptimSettings()
-    ray: RaySettings = RaySettings()
-
-
-def absolute_storage(path: str) -> str:
-    """Ray Train needs absolute local paths (or a URI)."""
-    if is_remote(path):
-        return path.rstrip("/")
-    return str(Path(path.removeprefix("file://")).expanduser().resolve())
+from neuroray.paths import is_remote
+from neuroray.trainers.schedule import TrainingClock, frozen_until, warmup_cosine
+from neuroray.trainers.settings import RunSettings, TrainJob, absolute_storage
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -204,33 +127,6 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def warmup_cosine(
-    optim: OptimSettings, total_steps: int, time_fraction: Callable[[], float] | None = None
-):
-    """LR multiplier per step: linear warmup, then cosine from lr down to min_lr.
-
-    With ``time_fraction`` (the share of a time budget used so far) the cosine follows whichever
-    of steps and time is further along.
-    """
-    floor = optim.min_lr / optim.lr
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / (optim.warmup_steps + 1)
-        progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
-        if time_fraction is not None:
-            progress = max(progress, time_fraction())
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _frozen_until(schedule, until: int):
-    """A group's schedule with lr 0 before step ``until`` (a frozen warm-up that DDP tolerates,
-    unlike toggling requires_grad after the model is wrapped)."""
-    return lambda step: 0.0 if step < until else schedule(step)
-
-
 # ---------------------------------------------------------------------- checkpoints
 def save_checkpoint(
     directory: Path,
@@ -310,7 +206,7 @@ def run_worker(task: TrainTask) -> None:
     schedule = warmup_cosine(optim, run.steps, clock.fraction if run.time_budget_s else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        [_frozen_until(schedule, g.get("freeze_until", 0)) for g in optimizer.param_groups],
+        [frozen_until(schedule, g.get("freeze_until", 0)) for g in optimizer.param_groups],
     )
 
     start_step = 0
@@ -410,43 +306,6 @@ def run_worker(task: TrainTask) -> None:
     finally:
         if writer is not None:
             writer.close()
-
-
-class TrainingClock:
-    """Seconds spent in training steps (validation and checkpoints excluded) against a budget.
-
-    With several workers rank 0's clock decides when the budget is spent, so every rank stops
-    at the same step (DDP needs them to).
-    """
-
-    def __init__(self, budget_s: float | None, world_size: int) -> None:
-        self.budget_s = budget_s
-        self.world_size = world_size
-        self.trained_s = 0.0
-        self._since: float | None = None
-
-    def start(self) -> None:
-        self._since = time.perf_counter()
-
-    def stop(self) -> None:
-        if self._since is not None:
-            self.trained_s += time.perf_counter() - self._since
-            self._since = None
-
-    def fraction(self) -> float:
-        return self.trained_s / self.budget_s if self.budget_s else 0.0
-
-    def spent(self) -> bool:
-        if not self.budget_s:
-            return False
-        spent = self.trained_s >= self.budget_s
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            flag = torch.tensor([float(spent)])
-            dist.broadcast(flag, src=0)
-            spent = bool(flag.item())
-        return spent
 
 
 def _log_start(run: RunSettings, start_step: int) -> None:

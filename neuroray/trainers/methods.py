@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from neuroray.registry import Registry
 
 if TYPE_CHECKING:
-    from neuroray.trainers.loop import TrainJob
+    from neuroray.trainers.settings import TrainJob
 
 RunFn = Callable[[Any], Any]
 Loader = Callable[[], tuple["type[TrainJob]", RunFn]]

@@ -31,8 +31,9 @@ from neuroray.models.mscon import (
 from neuroray.platform.augment import MSConAugmentConfig, Sample
 from neuroray.preview import grid, to_grey
 from neuroray.trainers.data import DataSettings, check_crop_matches_model, crop_batches
-from neuroray.trainers.loop import TrainJob, TrainTask
+from neuroray.trainers.loop import TrainTask
 from neuroray.trainers.pretrain import pretrain
+from neuroray.trainers.settings import TrainJob
 
 
 class MSConJob(TrainJob):

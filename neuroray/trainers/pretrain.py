@@ -25,7 +25,8 @@ from neuroray.trainers.data import (
     crop_batches,
     run_with_pool,
 )
-from neuroray.trainers.loop import TrainJob, TrainTask, unwrap
+from neuroray.trainers.loop import TrainTask, unwrap
+from neuroray.trainers.settings import TrainJob
 
 
 class MAEJob(TrainJob):

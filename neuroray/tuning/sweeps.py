@@ -61,10 +61,11 @@ from pydantic import Field
 from neuroray.config import RaySettings, StrictModel, dump_yaml, load_config
 from neuroray.config import validate as validate_config
 from neuroray.errors import ConfigError
-from neuroray.paths import InputPath, OutputPath, RunName
+from neuroray.paths import InputPath, OutputPath, RunName, is_remote
 from neuroray.segmentation.tasks import get_task
 from neuroray.trainers.finetune import FinetuneJob
-from neuroray.trainers.loop import absolute_storage, is_remote, read_starts
+from neuroray.trainers.loop import read_starts
+from neuroray.trainers.settings import absolute_storage
 from neuroray.tuning.report import SweepError, SweepResult, TrialSummary, pick_best
 from neuroray.tuning.resources import (
     DRIVER_RESOURCES,

@@ -17,9 +17,10 @@ from neuroray.agents.policy_io import load_policy
 from neuroray.config import load_config, validate
 from neuroray.errors import ConfigError
 from neuroray.masking import PolicyMasker, RandomMasker
+from neuroray.models.checkpoint import load_model_checkpoint
 from neuroray.models.policy import PolicyConfig, build_policy_net
 from neuroray.platform.volume import open_volume
-from neuroray.trainers.loop import WorkerInfo, load_model_checkpoint, read_starts
+from neuroray.trainers.loop import WorkerInfo, read_starts
 from neuroray.trainers.weights import (
     MIM_CHANNEL,
     POLICY_CHANNEL,

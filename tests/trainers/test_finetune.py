@@ -12,11 +12,11 @@ import yaml
 from neuroray.cli import main
 from neuroray.config import validate
 from neuroray.errors import ConfigError
+from neuroray.models.checkpoint import load_model_checkpoint
 from neuroray.platform.ingest import ingest
 from neuroray.platform.volume import create_volume, open_volume
 from neuroray.segmentation.tasks import binary_targets, em_targets
 from neuroray.trainers.finetune import FinetuneJob, finetune
-from neuroray.trainers.loop import load_model_checkpoint
 
 TINY_ENCODER = {"size": None, "width": 48, "depth": 2, "heads": 2, "img_size": [16, 64, 64],
                 "pos_embed": "learned"}

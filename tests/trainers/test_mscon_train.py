@@ -8,9 +8,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from neuroray.config import validate
+from neuroray.models.checkpoint import load_model_checkpoint
 from neuroray.models.mscon import ENCODER_PREFIX
 from neuroray.models.unetr import UNETRConfig, build_unetr, load_encoder
-from neuroray.trainers.loop import load_model_checkpoint, read_starts
+from neuroray.trainers.loop import read_starts
 from neuroray.trainers.mscon import MSConJob, run_mscon
 
 CROP = [16, 64, 64]

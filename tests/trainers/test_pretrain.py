@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from neuroray.config import validate
+from neuroray.models.checkpoint import load_model_checkpoint
 from neuroray.models.unetr import UNETR, load_encoder
 from neuroray.models.vit3d import ViTConfig, build_vit3d
 from neuroray.platform.ingest import ingest
-from neuroray.trainers.loop import load_model_checkpoint, read_starts
+from neuroray.trainers.loop import read_starts
 from neuroray.trainers.pretrain import MAEJob, pretrain
 
 ENCODER = {"size": None, "width": 48, "depth": 2, "heads": 2, "img_size": [16, 64, 64]}

@@ -10,7 +10,7 @@ import pytest
 from neuroray.cli import build_parser, pretrain_methods
 from neuroray.config import load_config
 from neuroray.errors import RegistryError
-from neuroray.trainers.loop import TrainJob
+from neuroray.trainers.settings import TrainJob
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = pretrain_methods()

@@ -13,9 +13,9 @@ import yaml
 from neuroray.cli import build_parser, main
 from neuroray.config import load_config, validate
 from neuroray.errors import ConfigError
+from neuroray.models.checkpoint import load_model_checkpoint
 from neuroray.platform.ingest import ingest
 from neuroray.trainers.finetune import FinetuneJob
-from neuroray.trainers.loop import load_model_checkpoint
 from neuroray.tuning.report import TrialSummary, pick_best
 from neuroray.tuning.resources import concurrent_trials, trial_resources
 from neuroray.tuning.space import (
