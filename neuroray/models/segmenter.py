@@ -109,8 +109,26 @@ class SegmenterConfig(EncoderInit):
         return type(self).model_validate(data)
 
 
+class HeadSegmenter:
+    """What the registered architectures share: logits from a 1x1x1 conv called ``head``, and a
+    window read from ``window_key`` in the config."""
+
+    window_key = ""
+
+    @staticmethod
+    def out_channels(state_dict: Mapping[str, Tensor]) -> int:
+        return int(state_dict["head.weight"].shape[0])
+
+    @classmethod
+    def window(cls, cfg: SegmenterConfig) -> tuple[int, int, int] | None:
+        node: object = cfg
+        for part in cls.window_key.split("."):
+            node = getattr(node, part)
+        return node  # type: ignore[return-value]
+
+
 @SEGMENTERS.register("unetr")
-class UNETRSegmenter:
+class UNETRSegmenter(HeadSegmenter):
     """UNETR (:mod:`neuroray.models.unetr`): the ViT3D encoder and a convolutional decoder."""
 
     pretrained_encoder = True
@@ -127,17 +145,9 @@ class UNETRSegmenter:
         )
         return model, note, cfg.model_copy(update={"encoder": encoder_cfg})
 
-    @staticmethod
-    def out_channels(state_dict: Mapping[str, Tensor]) -> int:
-        return int(state_dict["head.weight"].shape[0])
-
-    @staticmethod
-    def window(cfg: SegmenterConfig) -> tuple[int, int, int]:
-        return cfg.encoder.img_size
-
 
 @SEGMENTERS.register("unet")
-class UNetSegmenter:
+class UNetSegmenter(HeadSegmenter):
     """The residual 3D U-Net (:mod:`neuroray.models.unet`), trained from scratch."""
 
     pretrained_encoder = False
@@ -149,14 +159,6 @@ class UNetSegmenter:
         params = sum(p.numel() for p in model.parameters()) / 1e6
         channels = "-".join(str(c) for c in cfg.unet.level_channels)
         return model, f"U-Net {channels} ({params:.1f} M parameters) from scratch", cfg
-
-    @staticmethod
-    def out_channels(state_dict: Mapping[str, Tensor]) -> int:
-        return int(state_dict["head.weight"].shape[0])
-
-    @staticmethod
-    def window(cfg: SegmenterConfig) -> tuple[int, int, int] | None:
-        return cfg.unet.window
 
 
 def build_segmenter(
