@@ -304,6 +304,7 @@ def test_evaluate_refuses_bad_arguments_before_any_work(capsys, tmp_path, seg_an
 
 
 # ---------------------------------------------------------------------- 7. sampler fractions
+# (a threshold no crop reaches stops the stream with advice: tests/platform/test_sampler.py)
 def test_sampler_fractions_must_lie_in_zero_one():
     from neuroray.trainers.finetune import JOB_CLASS
 
@@ -317,25 +318,6 @@ def test_sampler_fractions_must_lie_in_zero_one():
         load_config(JOB_CLASS, config, ["data.sampler.roi=[0,0,0,0,250,250]"])
     job = load_config(JOB_CLASS, config, ["data.sampler.min_foreground=1.0"])
     assert job.data.sampler.min_foreground == 1.0
-
-
-@pytest.mark.timeout(300)  # before the bound, this loop never ended
-def test_unreachable_foreground_threshold_stops_with_advice(ray_session, tmp_path):
-    from neuroray.platform.sampler import MAX_DRAWS_PER_CROP, CropDataset, CropSampler
-    from neuroray.platform.server import ServerPool
-
-    image = layer(tmp_path / "image", np.ones((8, 32, 32), np.uint8))
-    labels = layer(tmp_path / "labels", np.zeros((8, 32, 32), np.uint32))
-    pool = ServerPool({"image": image, "labels": labels}, num_servers=1, cache_mb=4)
-    try:
-        sampler = CropSampler(pool.bounds, (4, 16, 16), seed=0, min_foreground=0.5)
-        dataset = CropDataset(pool, sampler, samples_per_epoch=1, crops_per_request=50)
-        with pytest.raises(ConfigError, match="foreground_from=manifest") as raised:
-            next(iter(dataset))
-        assert f"{MAX_DRAWS_PER_CROP} crops in a row" in str(raised.value)
-        assert "lower sampler.min_foreground" in str(raised.value)
-    finally:
-        pool.shutdown()
 
 
 # ---------------------------------------------------------------------- 8. hostile YAML

@@ -1,4 +1,5 @@
-"""Chunk servers on EM layers (fib_gala_train, or its synthetic stand-in): exact crops, shard plans, seeded streams, fault tolerance."""
+"""Chunk servers on EM layers (fib_gala_train, or its synthetic stand-in): exact crops, shard
+plans, fault tolerance. The crop streams they serve are tested in test_sampler.py."""
 
 from __future__ import annotations
 
@@ -7,37 +8,13 @@ import pytest
 import ray
 import torch
 
-from neuroray.errors import ConfigError, VolumeError
+from neuroray.errors import VolumeError
 from neuroray.platform.augment import as_float_image
-from neuroray.platform.box import Box, chunk_grid, chunks_touching
-from neuroray.platform.ingest import ingest, read_manifest
+from neuroray.platform.box import Box, chunk_grid
 from neuroray.platform.sampler import CropDataset, CropSampler
 from neuroray.platform.server import ChunkCache, ServerPool, plan_shards, serving_blocks
-from neuroray.platform.volume import open_volume
 
-CHUNKS = (16, 32, 64)
-
-
-@pytest.fixture(scope="module")
-def gala(em_volume, tmp_path_factory):
-    """fib_gala_train (or synthetic EM of its shape) ingested as precomputed image +
-    segmentation layers (0 = boundary)."""
-    root = tmp_path_factory.mktemp("gala")
-    layers = {}
-    for name in ("raw", "labels"):
-        dst = str(root / name)
-        ingest(getattr(em_volume, name), dst, chunk_shape=CHUNKS, progress=False)
-        layers["image" if name == "raw" else "labels"] = dst
-    arrays = {key: open_volume(url)[:] for key, url in layers.items()}
-    return layers, arrays
-
-
-@pytest.fixture(scope="module", params=["chunks", "crops"])
-def pool(request, ray_session, gala):
-    layers, _ = gala
-    pool = ServerPool(layers, num_servers=2, cache_mb=4, mode=request.param, block_shape=CHUNKS)
-    yield pool
-    pool.shutdown()
+CHUNKS = (16, 32, 64)  # a chunk shape for the shard plans (the gala layers: conftest.py)
 
 
 def test_shard_plan_is_balanced_contiguous_and_complete():
@@ -108,7 +85,8 @@ def test_crops_equal_the_source_inside_across_chunks_and_shards(pool, gala):
         assert sum(s["borrowed_reads"] for s in stats) > 0
     else:  # every chunk was asked of its owner and decoded once
         assert sum(s["borrowed_reads"] for s in stats) == 0
-        assert sum(s["reads"] for s in stats) <= 2 * len(list(chunk_grid(pool.bounds, CHUNKS)))
+        chunks = list(chunk_grid(pool.bounds, pool.chunk_shape))
+        assert sum(s["reads"] for s in stats) <= 2 * len(chunks)
     assert all(s["shared_cached_bytes"] <= s["budget_bytes"] for s in stats)
     assert all(s["heap_cached_bytes"] <= s["budget_bytes"] for s in stats)
 
@@ -128,93 +106,8 @@ def test_bad_requests_fail_clearly(pool):
         pool.get_crops([Box((45, 0, 0), (55, 10, 10))])
 
 
-def test_same_seed_same_stream_and_ranks_differ(gala):
-    bounds = Box((0, 0, 0), (50, 100, 200))
-    a = CropSampler(bounds, (8, 32, 32), seed=7)
-    b = CropSampler(bounds, (8, 32, 32), seed=7)
-    take = lambda s, r, e: [next(it) for it in [s.boxes(r, e)] for _ in range(20)]  # noqa: E731
-    assert take(a, 0, 0) == take(b, 0, 0)
-    assert take(a, 0, 0) != take(a, 1, 0)
-    assert take(a, 0, 0) != take(a, 0, 1)
-    roi = Box((0, 0, 0), (20, 100, 200))
-    inside = CropSampler(bounds, (8, 32, 32), seed=7, roi=roi)
-    assert all(roi.contains(box) for box in take(inside, 0, 0))
-    with pytest.raises(ConfigError, match="does not fit"):
-        CropSampler(bounds, (60, 32, 32))
-
-
-def test_dataset_rejection_honours_the_threshold(pool, gala):
-    _, arrays = gala
-    threshold = 0.93  # gala (and its stand-in) has 7-9% boundary (label 0) voxels, so many crops fall below
-    sampler = CropSampler(pool.bounds, (8, 24, 24), seed=1, min_foreground=threshold)
-    dataset = CropDataset(pool, sampler, samples_per_epoch=40, crops_per_request=8)
-    samples = list(dataset)
-    assert len(samples) == 40
-    for sample in samples:
-        box = Box.from_list(sample["box"].tolist())
-        labels = arrays["labels"][box.slices]
-        assert np.count_nonzero(labels) / labels.size >= threshold
-        np.testing.assert_array_equal(sample["labels"].numpy(), labels)
-        np.testing.assert_allclose(
-            sample["image"][0].numpy() * 255, arrays["image"][box.slices], atol=1e-3
-        )
-    # the stream before rejection contains crops under the threshold: rejection did happen
-    drawn = [next(b) for b in [sampler.boxes(0, 0)] for _ in range(200)]
-    fractions = [np.count_nonzero(arrays["labels"][b.slices]) / b.size for b in drawn]
-    assert min(fractions) < threshold
-
-
-def test_manifest_rejection_draws_from_foreground_chunks(pool, gala):
-    layers, arrays = gala
-    manifest = read_manifest(layers["labels"])
-    threshold = 0.95
-    sampler = CropSampler(
-        pool.bounds, (8, 16, 16), seed=2, min_foreground=threshold, manifest=manifest
-    )
-    fractions = dict(
-        zip(
-            [b.start for b in chunk_grid(pool.bounds, CHUNKS)],
-            manifest.column("foreground_fraction").to_pylist(),
-            strict=True,
-        )
-    )
-    for box in [next(b) for b in [sampler.boxes(0, 0)] for _ in range(50)]:
-        touched = [c.start for c in chunks_touching(box, CHUNKS, pool.bounds)]
-        assert any(fractions[start] >= threshold for start in touched)
-    assert min(fractions.values()) < threshold  # some chunks were excluded
-
-
-def test_resumed_dataset_continues_the_same_stream(pool):
-    sampler = CropSampler(pool.bounds, (8, 16, 16), seed=5)
-    full = [s["box"].tolist() for s in CropDataset(pool, sampler, samples_per_epoch=20)]
-    first = CropDataset(pool, sampler, samples_per_epoch=20)
-    head = [s["box"].tolist() for _, s in zip(range(7), first, strict=False)]
-    resumed = CropDataset(pool, sampler, samples_per_epoch=20)
-    resumed.load_state_dict(first.state_dict())
-    assert first.state_dict() == {"epoch": 0, "consumed": 7}
-    tail = [s["box"].tolist() for s in resumed]
-    assert head + tail == full
-
-
-def test_resumed_dataset_with_augmentation_continues_the_same_samples(pool):
-    from neuroray.platform.augment import build_pipeline
-
-    sampler = CropSampler(pool.bounds, (16, 64, 64), seed=5)
-
-    def dataset():
-        return CropDataset(pool, sampler, samples_per_epoch=12, augment=build_pipeline("em"))
-
-    full = list(dataset())
-    resumed = dataset()
-    resumed.load_state_dict({"epoch": 0, "consumed": 5})
-    tail = list(resumed)
-    assert [s["box"].tolist() for s in tail] == [s["box"].tolist() for s in full[5:]]
-    for a, b in zip(tail, full[5:], strict=True):
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
-
-
 @pytest.mark.parametrize("mode", ["chunks", "crops"])
-def test_killed_server_loses_and_duplicates_nothing(ray_session, gala, mode):
+def test_killed_server_loses_and_duplicates_nothing(ray_session, gala, gala_chunks, mode):
     layers, arrays = gala
     pool = ServerPool(
         layers,
@@ -223,7 +116,7 @@ def test_killed_server_loses_and_duplicates_nothing(ray_session, gala, mode):
         max_restarts=3,
         mode=mode,
         client_cache_mb=1,
-        block_shape=CHUNKS,
+        block_shape=gala_chunks,
     )
     try:
         sampler = CropSampler(pool.bounds, (8, 32, 32), seed=11)
