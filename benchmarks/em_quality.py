@@ -75,6 +75,15 @@ TASKS = {
         "test": [200, 0, 0, 250, 250, 250],
         "crops": {"unet": [16, 96, 96], "unetr": [16, 64, 64]},
         "overrides": ["optim.warmup_steps=30"],
+        "table": "em_neurons",
+        # another FIB-SEM cube no row ever sees: each row segments it at its own threshold
+        "cross": {
+            "table": "em_cross_volume",
+            "image": ("em/fib_gala_train.h5#raw", (25, 50, 100)),
+            "labels": ("em/fib_gala_train.h5#labels", (25, 50, 100)),
+            "roi": [0, 0, 0, 50, 100, 200],
+        },
+        "pretrain": ("em/fib_medulla_s1_raw.h5#raw", (64, 64, 64)),
     },
     "mito": {
         "config": "finetune_mito",
@@ -85,6 +94,7 @@ TASKS = {
         "test": [16, 0, 0, 20, 1024, 1024],
         "crops": {"unet": [8, 128, 128], "unetr": [8, 128, 128]},
         "overrides": ["optim.warmup_steps=30"],
+        "table": "mito",
     },
 }
 ROW_MODELS = {
@@ -97,16 +107,13 @@ ROW_MODELS = {
 
 # ---------------------------------------------------------------------- data
 def ingest_layers(data: str, layers: Path, task: str) -> dict[str, str]:
-    """The task's image and labels (and, for EM, the MAE cube and fib_gala_train) as layers."""
+    """The task's image and labels, its pretraining cube and cross-volume pair, as layers."""
     from neuroray.platform.ingest import ingest
 
-    sources = {k: TASKS[task][k] for k in ("image", "labels")}
-    if task == "em":
-        sources.update(
-            s1_raw=("em/fib_medulla_s1_raw.h5#raw", (64, 64, 64)),
-            gala_raw=("em/fib_gala_train.h5#raw", (25, 50, 100)),
-            gala_labels=("em/fib_gala_train.h5#labels", (25, 50, 100)),
-        )
+    spec = TASKS[task]
+    sources = {k: spec[k] for k in ("image", "labels", "pretrain") if k in spec}
+    if "cross" in spec:
+        sources.update(cross_image=spec["cross"]["image"], cross_labels=spec["cross"]["labels"])
     urls = {}
     for name, (source, chunks) in sources.items():
         urls[name] = str(layers / task / name)
@@ -132,18 +139,19 @@ def voxel_size(url: str) -> tuple[float, float, float]:
 def baseline_row(task: str, urls: dict[str, str]) -> dict[str, Any]:
     """The no-learning row: parameters chosen on training + validation data, scored on test."""
     from neuroray.segmentation.baseline import fit_binary_baseline, fit_em_baseline
+    from neuroray.segmentation.tasks import get_task
 
     spec = TASKS[task]
     choose = [*spec["train"][:3], *spec["validate"][3:]]  # train + validate: everything not test
     vs = voxel_size(urls["image"])
-    fit = fit_em_baseline if task == "em" else fit_binary_baseline
+    fit = fit_em_baseline if get_task(task).instances else fit_binary_baseline
     baseline = fit(read(urls["image"], choose), read(urls["labels"], choose), vs)
     tests = {"test": score(task, baseline.segment(read(urls["image"], spec["test"])),
                            read(urls["labels"], spec["test"]), vs)}  # fmt: skip
-    if task == "em":
-        gala = [0, 0, 0, 50, 100, 200]
-        tests["cross"] = score(task, baseline.segment(read(urls["gala_raw"], gala)),
-                               read(urls["gala_labels"], gala), vs)  # fmt: skip
+    if "cross" in spec:
+        roi = spec["cross"]["roi"]
+        tests["cross"] = score(task, baseline.segment(read(urls["cross_image"], roi)),
+                               read(urls["cross_labels"], roi), vs)  # fmt: skip
     return {"name": f"no-learning: {baseline.describe()}", "model": "none", "init": "none",
             "params": baseline.params(), **tests}  # fmt: skip
 
@@ -156,7 +164,8 @@ def score(task: str, segmentation: np.ndarray, labels: np.ndarray, vs) -> dict[s
 
 
 def pretrain_mae(urls: dict[str, str], out: Path, minutes: float, seed: int) -> tuple[str, dict]:
-    """MAE on fib_medulla_s1_raw for ``minutes`` of training time; its checkpoint and job."""
+    """MAE on the task's unlabelled cube (fib_medulla_s1_raw) for ``minutes`` of training time;
+    its checkpoint and job."""
     from neuroray import configs
     from neuroray.config import override
     from neuroray.trainers.pretrain import MAEJob, pretrain
@@ -165,7 +174,7 @@ def pretrain_mae(urls: dict[str, str], out: Path, minutes: float, seed: int) -> 
         *UNETR_ENCODER,
         "data.num_servers=1",
         "optim.warmup_steps=100",
-        override("data.image", urls["s1_raw"]),
+        override("data.image", urls["pretrain"]),
         override("data.sampler.seed", seed),
         override("run.name", f"mae_s1_seed{seed}"),
         override("run.storage_path", str(out / "runs")),
@@ -189,6 +198,7 @@ def learned_row(
     from neuroray.platform.augment import as_float_image
     from neuroray.segmentation.blockwise import load_segmenter
     from neuroray.segmentation.inference import predict_array, segment_affinities, segment_binary
+    from neuroray.segmentation.tasks import get_task
     from neuroray.trainers.finetune import FinetuneJob, finetune
 
     spec = TASKS[task]
@@ -220,7 +230,7 @@ def learned_row(
 
     def segment(image_url: str, roi: list[int]) -> np.ndarray:
         probs = predict_array(network, as_float_image(read(image_url, roi)), info.window)
-        if task == "em":
+        if get_task(task).instances:
             return segment_affinities(probs, [info.threshold], voxel_size=vs)[info.threshold]
         return segment_binary(probs[0], info.threshold)
 
@@ -228,10 +238,10 @@ def learned_row(
     tests = {"test": score(task, segment(urls["image"], spec["test"]),
                            read(urls["labels"], spec["test"]), vs)}  # fmt: skip
     infer_s = time.perf_counter() - t0
-    if task == "em":
-        gala = [0, 0, 0, 50, 100, 200]
-        tests["cross"] = score(task, segment(urls["gala_raw"], gala),
-                               read(urls["gala_labels"], gala), vs)  # fmt: skip
+    if "cross" in spec:
+        roi = spec["cross"]["roi"]
+        tests["cross"] = score(task, segment(urls["cross_image"], roi),
+                               read(urls["cross_labels"], roi), vs)  # fmt: skip
     metrics = result.metrics
     test_voxels = int(np.prod(np.subtract(spec["test"][3:], spec["test"][:3])))
     return {
@@ -254,13 +264,10 @@ def learned_row(
 # ---------------------------------------------------------------------- tables
 def write_tables(records: list[dict], task: str, label_fraction: float, budget_s: float) -> None:
     """Aggregate finished records into benchmarks/results/<table>.json (rows in run order)."""
-    tables = (
-        {"mito": "test"}
-        if task == "mito"
-        else {"em_neurons" + ("_low_label" if label_fraction < 1 else ""): "test"}
-    )
-    if task == "em" and label_fraction == 1:
-        tables["em_cross_volume"] = "cross"
+    spec = TASKS[task]
+    tables = {spec["table"] + ("_low_label" if label_fraction < 1 else ""): "test"}
+    if "cross" in spec and label_fraction == 1:
+        tables[spec["cross"]["table"]] = "cross"
     RESULTS.mkdir(exist_ok=True)
     for table, part in tables.items():
         rows: dict[str, dict] = {}
