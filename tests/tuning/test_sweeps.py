@@ -26,7 +26,7 @@ from neuroray.tuning.space import (
     job_overrides,
     scale_augmentation,
 )
-from neuroray.tuning.sweeps import SweepJob, prepare_sweep, tune_sweep
+from neuroray.tuning.sweeps import SweepJob, prepare_sweep, trial_job, tune_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 ENCODER = {
@@ -154,6 +154,19 @@ def test_params_and_overrides_land_on_job_keys(tmp_path):
         "run.steps=5",
         'data.image="gs://b/raw"',
     ]
+
+
+def test_a_sweep_can_choose_the_architecture(job_yaml):
+    """``model.name`` is one more search key: each trial's job is a valid U-Net or UNETR job,
+    the U-Net's window taken from the crop."""
+    sweep = prepare_sweep(validate(SweepJob, {
+        "job": str(job_yaml), "search_space": {"model.name": {"choice": ["unetr", "unet"]}},
+    }))  # fmt: skip
+    unet = trial_job(sweep, {"model.name": "unet"}, "t1")
+    unetr = trial_job(sweep, {"model.name": "unetr"}, "t2")
+    assert (unet.model.name, unetr.model.name) == ("unet", "unetr")
+    assert unet.model.window == tuple(unet.data.sampler.crop_shape) == unetr.model.window
+    assert unet.run.cpus_per_worker == 1.0  # trials share the machine
 
 
 # ---------------------------------------------------------------------- preparing a sweep
