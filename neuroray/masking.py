@@ -14,8 +14,16 @@ Maskers are pydantic configs as well as objects, so YAML names one by ``name`` w
 by name for :func:`build_masker` and for tests.
 
 ``PolicyMasker`` takes its masks from an external source (dbMiM's RL policy): a callable
-``source(grid, rng)`` returning per-token mask probabilities (float in [0, 1], sampled here) or
-masks (bool). Until a source is set it masks at random at its ``ratio``.
+``source(grid, rng)`` returning per-token probabilities (float in [0, 1], sampled here) or
+choices (bool). Until a source is set it masks at random at its ``ratio``. Two rules turn the
+source's choices into masks:
+
+- **fixed count, learned placement** (``count="fixed"``, dbMiM's default): the choices are
+  *nominations*; every sample masks exactly K = ``masked_count(ratio, N)`` tokens, of which
+  round(alpha * K) are drawn from the nominees (:func:`nominated_mask`) and the rest uniformly at
+  random. The count never depends on the source; ``alpha`` follows an :class:`AlphaSchedule`.
+- **emergent count** (``count="emergent"``): the choices are the mask itself, so the count is
+  whatever the source chose (fixed up to keep one visible and one masked token).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from neuroray.registry import Registry
 
 BatchGrid = tuple[int, int, int, int]
 MaskSource = Callable[[BatchGrid, np.random.Generator], Any]
+CountRule = Literal["fixed", "emergent"]
 
 
 class MaskingError(NeurorayError):
@@ -81,6 +90,60 @@ def ensure_both(mask: np.ndarray, scores: np.ndarray) -> np.ndarray:
     flat[rows[all_masked], s[all_masked].argmin(1)] = False
     flat[rows[none_masked], s[none_masked].argmax(1)] = True
     return mask
+
+
+def nominated_mask(
+    nominations: np.ndarray, count: int, alpha: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly ``count`` masked tokens per sample, round(alpha * count) of them from the nominees.
+
+    ``nominations``: bool [B, ...] (True = nominated). In each sample, round(alpha * count)
+    tokens are drawn uniformly at random among the nominees (all of them, topped up with random
+    other tokens, when there are too few); the rest of the count is drawn uniformly at random
+    among the tokens not yet masked (nominees included), so every token keeps a chance to be
+    masked and scored whatever the nominations say. Returns ``(mask, from_nominations)``, both
+    bool of the input's shape: the mask, and the masked tokens that were drawn as nominees.
+    """
+    nominations = np.asarray(nominations, dtype=bool)
+    flat = nominations.reshape(len(nominations), -1)
+    b, n = flat.shape
+    if not 0 <= count <= n:
+        raise MaskingError(f"cannot mask {count} of {n} tokens")
+    if not 0 <= alpha <= 1:
+        raise MaskingError(f"alpha must be in [0, 1], got {alpha}")
+    chosen = min(int(round(alpha * count)), count)
+    rows = np.arange(b)[:, None]
+    # nominees first, in random order, then the others in random order: the first `chosen`
+    order = np.argsort(rng.random((b, n)) + (~flat), axis=1, kind="stable")
+    picked = np.zeros((b, n), dtype=bool)
+    picked[rows, order[:, :chosen]] = True
+    # the rest uniformly among the tokens not picked yet
+    rest = np.argsort(rng.random((b, n)) + picked, axis=1, kind="stable")
+    mask = picked.copy()
+    mask[rows, rest[:, : count - chosen]] = True
+    return mask.reshape(nominations.shape), (picked & flat).reshape(nominations.shape)
+
+
+class AlphaSchedule(StrictModel):
+    """alpha_t, the share of each sample's K masked tokens drawn from the policy's nominations.
+
+    It rises linearly from ``start`` to ``end`` over the first ``ramp`` fraction of the run's
+    steps and then stays at ``end`` (hard-patches mining's easy-to-hard schedule, Wang et al.
+    CVPR 2023: 0 -> 0.5). The random share, 1 - alpha_t, keeps losses of patches the policy did
+    not nominate (its counterfactuals) in every crop.
+    """
+
+    start: float = Field(0.0, ge=0, le=1)
+    end: float = Field(0.5, ge=0, le=1)
+    ramp: float = Field(1.0, ge=0, le=1)
+    """Fraction of ``run.steps`` over which alpha goes from start to end (0: end from step 0)."""
+
+    def at(self, step: int, total_steps: int | None) -> float:
+        """alpha at trainer step ``step`` of ``total_steps`` (None: the schedule's start)."""
+        if self.ramp == 0:
+            return self.end
+        progress = min(1.0, max(0.0, step / total_steps)) if total_steps else 0.0
+        return self.start + (self.end - self.start) * min(1.0, progress / self.ramp)
 
 
 class Masker(StrictModel, ABC):
@@ -188,48 +251,94 @@ class BlockMasker(Masker):
 class PolicyMasker(Masker):
     """Masks from an external source (dbMiM's RL policy); random at ``ratio`` until one is set.
 
-    The source is ``source(grid, rng) -> array [B, Nz, Ny, Nx]``: bool masks (used as given), or
-    float probabilities of masking each token (sampled independently here with ``rng``). Either
-    way each sample is then fixed up to keep one visible and one masked token. The source is
-    runtime state, not config: it is not serialised.
+    The source is ``source(grid, rng) -> array [B, Nz, Ny, Nx]``: bool choices (used as given),
+    or float probabilities of choosing each token (sampled independently here with ``rng``).
+    With ``count="fixed"`` (the default) the choices are nominations and each sample masks
+    exactly ``masked_count(ratio, N)`` tokens, ``round(alpha * K)`` of them from the nominees
+    (:func:`nominated_mask`); with ``count="emergent"`` the choices are the mask, fixed up to
+    keep one visible and one masked token. The source is runtime state, not config: it is not
+    serialised.
     """
 
     name: Literal["policy"] = "policy"
     ratio: float = Field(
-        0.75, gt=0, lt=1, description="random-masking ratio before a source is set"
+        0.75,
+        gt=0,
+        lt=1,
+        description="K = round(ratio * N) masked tokens per sample (fixed count), and the "
+        "random-masking ratio before a source is set",
     )
     _source: MaskSource | None = PrivateAttr(default=None)
+    _count: CountRule = PrivateAttr(default="fixed")
+    _alpha: float = PrivateAttr(default=0.0)
+    _last: dict[str, float] = PrivateAttr(default_factory=dict)
 
-    def set_source(self, source: MaskSource | None) -> None:
-        """Use ``source`` from now on (None goes back to random masking)."""
+    def set_source(
+        self, source: MaskSource | None, *, count: CountRule = "fixed", alpha: float = 0.0
+    ) -> None:
+        """Use ``source`` from now on (None goes back to random masking at ``ratio``).
+
+        ``count``: "fixed" (exactly K masked per sample, ``alpha`` of them from the nominees) or
+        "emergent" (the source's choices are the mask).
+        """
         if source is not None and not callable(source):
             raise MaskingError(f"a mask source must be callable(grid, rng), got {type(source)}")
-        self._source = source
+        if count not in ("fixed", "emergent"):
+            raise MaskingError(f"count must be 'fixed' or 'emergent', got {count!r}")
+        if not 0 <= alpha <= 1:
+            raise MaskingError(f"alpha must be in [0, 1], got {alpha}")
+        self._source, self._count, self._alpha = source, count, float(alpha)
 
     @property
     def has_source(self) -> bool:
         return self._source is not None
 
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """What the last :meth:`mask` call did: ``nominated`` (share of tokens the source chose),
+        ``from_nominations`` (share of the masked tokens drawn as nominees; 1 under the emergent
+        rule, 0 before a source is set) and ``alpha``."""
+        return dict(self._last)
+
     def mask(self, grid: Sequence[int], rng: np.random.Generator) -> np.ndarray:
         dims = check_grid(grid)
         source = self._source
         if source is None:
+            self._last = {"nominated": 0.0, "from_nominations": 0.0, "alpha": 0.0}
             return RandomMasker(ratio=self.ratio).mask(dims, rng)
-        out = np.asarray(source(dims, rng))
+        choices = self._choices(np.asarray(source(dims, rng)), dims, rng)
+        if self._count == "fixed":
+            k = masked_count(self.ratio, dims[1] * dims[2] * dims[3])
+            mask, nominated = nominated_mask(choices, k, self._alpha, rng)
+            self._last = {
+                "nominated": float(choices.mean()),
+                "from_nominations": float(nominated.sum() / mask.sum()),
+                "alpha": self._alpha,
+            }
+            return mask
+        self._last = {"nominated": float(choices.mean()), "from_nominations": 1.0, "alpha": 1.0}
+        return choices
+
+    def _choices(self, out: np.ndarray, dims: BatchGrid, rng: np.random.Generator) -> np.ndarray:
+        """The source's bool choices: as given, or sampled from its probabilities."""
         if out.shape != dims:
             raise MaskingError(
                 f"mask source returned shape {out.shape}, expected {dims} (B, Nz, Ny, Nx)"
             )
+        emergent = self._count == "emergent"
         if out.dtype == bool:
-            return ensure_both(out.copy(), rng.random(dims))
+            return ensure_both(out.copy(), rng.random(dims)) if emergent else out.copy()
         probs = out.astype(np.float64)
         if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
             raise MaskingError(
                 "mask source returned probabilities outside [0, 1] or non-finite values; "
                 "return sigmoid/softmax outputs (probability of masking each token) or bool masks"
             )
+        choices = rng.random(dims) < probs
+        if not emergent:
+            return choices
         # tiny jitter breaks ties when the fix-up picks a token
-        return ensure_both(rng.random(dims) < probs, probs + 1e-9 * rng.random(dims))
+        return ensure_both(choices, probs + 1e-9 * rng.random(dims))
 
 
 MaskerSpec = Annotated[
@@ -246,8 +355,10 @@ def build_masker(name: str, **options: Any) -> Masker:
 
 __all__ = [
     "MASKERS",
+    "AlphaSchedule",
     "BatchGrid",
     "BlockMasker",
+    "CountRule",
     "Masker",
     "MaskerSpec",
     "MaskingError",
@@ -260,4 +371,5 @@ __all__ = [
     "ensure_both",
     "mask_ratio",
     "masked_count",
+    "nominated_mask",
 ]

@@ -1,5 +1,5 @@
 """The dbMiM job: an MAE pretraining job plus the RL side's settings (env, policy, PPO, oracle,
-resources, exchange cadence)."""
+resources, lock-step cadence)."""
 
 from __future__ import annotations
 
@@ -43,12 +43,19 @@ class RLSettings(StrictModel):
     checkpoint_every: int = Field(10, ge=1)
     """RL iterations between RL checkpoints (one is also written when the run ends)."""
     preview_every: int = Field(10, ge=1)
+    """RL iterations between probe previews and placement diagnostics (``rl/diag_*``)."""
+    probe_crops: int = Field(8, ge=2)
+    """Fixed probe crops (own seed, never trained on) for the previews and diagnostics."""
     max_iterations: int | None = Field(None, ge=1)
     """Stop the RL loop after this many iterations (None: run until the MIM run ends)."""
-    steps_per_policy: int | None = Field(None, ge=1)
-    """Lockstep mode (the paper's alternating updates): trainer step s waits for policy
-    iteration >= s // steps_per_policy, and RL iteration k + 1 waits for the MIM weights of step
-    k * steps_per_policy (published then). None (default): each side runs at its own pace."""
+    steps_per_policy: int | None = Field(5, ge=1)
+    """Lock-step cadence P (the paper's alternating updates): trainer step s waits for policy
+    iteration >= s // P, and RL iteration k + 1 waits for the MIM weights of step k * P
+    (published then), so the policy and the MIM model stay within about 2 P trainer steps of each
+    other (hardness is relative to the current model). Both sides log the gap: the trainer's
+    ``train/policy_lag_steps`` (its step minus the MIM step its policy was trained against) and
+    the RL side's ``rl/mim_lag_steps`` (the newest published MIM step minus the one its last
+    iteration scored with). None: each side runs at its own pace (no bound on the gap)."""
     wait_for_mim: bool = True
     """Start training the policy only once the trainer has published its first MIM weights
     (scoring masks with an untrained model teaches nothing, and on a small machine it would slow
@@ -63,8 +70,10 @@ class RLSettings(StrictModel):
 class DbMiMJob(MAEJob):
     """A dbMiM pretraining job: a :class:`~neuroray.trainers.pretrain.MAEJob` plus ``rl``.
 
-    ``masking`` is the policy masker (its ``ratio`` is used until the first policy arrives);
-    any other masker runs the matched-compute control without the RL side.
+    ``masking`` is the policy masker: its ``ratio`` fixes K = round(ratio * N) masked patches per
+    crop on both sides (fixed-count game, ``rl.env.reward.kind: rank``) and is the random ratio
+    until the first policy arrives. Any other masker runs a control without the RL side
+    (``masking.name=random`` at the same ratio: random masking with exactly the same K).
     """
 
     masking: MaskerSpec = PolicyMasker(ratio=0.75)

@@ -10,10 +10,20 @@
   :class:`~neuroray.agents.env.MaskingEnv` with one shared
   :class:`~neuroray.agents.module.PatchPolicyModule` (``num_env_runners=0``: it samples in its own
   process, the fastest layout on a few cores); it publishes the policy after every iteration;
-- then the MIM run itself: :func:`~neuroray.trainers.loop.fit` with :class:`~neuroray.trainers.dbmim.DbMiMTask`, an
-  MAE task whose rank 0 publishes the MAE weights every ``rl.publish_mim_every`` steps and whose
-  workers sample masks from the newest policy (random masking at ``masking.ratio`` until the
-  first policy arrives).
+- then the MIM run itself: :func:`~neuroray.trainers.loop.fit` with
+  :class:`~neuroray.trainers.dbmim.DbMiMTask`, an MAE task whose rank 0 publishes the MAE weights
+  every ``rl.publish_mim_every`` steps (and at every lock-step turn) and whose workers mask by the
+  game's rule from the newest policy (random masking of the same K until the first policy
+  arrives).
+
+**The game** (:mod:`neuroray.agents.env`): by default every crop masks exactly
+K = round(``masking.ratio`` * N) patches on both sides; the agents nominate patches, round(alpha_t
+* K) of the K are drawn from the nominees and the rest at random (alpha_t: ``rl.env.alpha``, 0 ->
+0.5 over ``run.steps``); each masked patch is rewarded by its loss (on a target with a noise
+floor, ``rl.oracle``) rank-centred within its crop, a reward that sums to zero and so pays only
+for *where*. ``rl.env.reward.kind=emergent`` plays the original emergent-ratio game instead (it
+collapses to "mask more"; kept to show it). **Lock-step cadence** ``rl.steps_per_policy`` (5 by
+default) keeps the policy within a few trainer steps of the MIM model it is rewarded by.
 
 Why an actor for the RL loop: the driver is blocked in ``fit`` and holds no CPU, while an actor
 gets its own process, a CPU reservation Ray accounts for (on 2 cores: one for the trainer, one
@@ -31,15 +41,19 @@ policy at once). With a remote ``run.storage_path`` the RL checkpoints stay loca
 (``runs/<name>/rl``), so resume the RL side on the same machine.
 
 **TensorBoard** (``<run dir>/tensorboard``): ``train/*`` from the MIM loop (losses, mask ratio,
-``policy_version``, ``policy_mask_prob``, ``policy_entropy``, and what the coupling costs the
-trainer per step: ``policy_ms``, ``publish_ms``) and ``pretrain/mask_probability``
-(a slice | the policy's per-patch mask probability | the sampled mask); ``rl/*`` from the RL loop
-(``reward_mean``, ``team_loss``, ``mask_ratio``, ``entropy``, ``policy_loss``, ``vf_loss``,
-``decisions_per_s``, ``crops_per_s``) and ``rl/mask_probability`` on a fixed probe crop.
+``policy_version``, ``policy_mask_prob``, ``policy_prob_sd``, ``policy_entropy``, ``alpha``,
+``mask_from_nominations``, ``policy_lag_steps``, and what the coupling costs the trainer per step:
+``policy_ms``, ``publish_ms``) and ``pretrain/mask_probability`` (a slice | the policy's per-patch
+nomination probability | the mask); ``rl/*`` from the RL loop (``reward_mean``, ``team_loss``,
+``mask_ratio``, ``chosen_ratio``, ``from_nominations``, ``nominee_rank``, ``alpha``,
+``mim_lag_steps``, ``entropy``, ``policy_loss``, ``vf_loss``, ``decisions_per_s``,
+``crops_per_s``), ``rl/mask_probability`` on a fixed probe crop, and the placement diagnostics
+``rl/diag_*`` on the probe crops (:mod:`neuroray.agents.diagnostics`: within-crop sd of the
+nomination probability, its Spearman correlation with held-out per-patch loss, gradient energy
+and position); the final policy's diagnostics are also in the result's metrics.
 
-**The control.** ``masking.name=random masking.ratio=R`` (e.g. the ratio the policy converged to)
-runs the same job as plain MAE with random masking and no RL side: same data, model, steps and
-batch size, so it is the matched-compute control for the trainer.
+**The control.** ``masking.name=random`` runs the same job as plain MAE with random masking of
+the same K per crop and no RL side: same data, model, steps and batch size.
 
 **Where each piece lives.** This module is the orchestration only: :mod:`neuroray.agents.config`
 (the job and its ``rl`` settings), :mod:`neuroray.agents.runner` (the RL loop actor),

@@ -2,9 +2,8 @@
 
 Every patch of a crop is an agent; all agents share one policy (``policy_mapping_fn`` maps each
 to ``"shared"``). An episode is one step: the agents see their patch, each chooses
-**keep (0)** or **mask (1)**, the joint choices form the crop's mask, the MIM oracle reconstructs
-the crop under that mask, and every agent is rewarded. The mask ratio is not set by anyone: it
-emerges from the agents' choices.
+**0** or **1**, the env turns the joint choices into the crop's mask, the MIM oracle reconstructs
+the crop under that mask, and every agent is rewarded.
 
 For throughput an episode plays ``crops_per_episode`` (B) independent crops at once, so the
 oracle observes and scores B crops per call; crops never interact (each agent's reward depends
@@ -17,35 +16,45 @@ With ``crops_per_episode=1`` an episode is exactly one crop.
 patch_observations` -- the patch's detached encoder feature (D), the crop's mean feature (D, the
 global context), the patch centre (z, y, x) in (0, 1), and [mean, log std, log gradient energy].
 
-**Action**: ``Discrete(2)``, 1 = mask the patch, 0 = keep it visible.
+**Action**: ``Discrete(2)``. What 1 means depends on the game, which the reward's ``kind`` picks.
 
-**Reward** of agent i in crop c (``RewardSettings``)::
+**The default game: fixed count, learned placement** (``reward.kind="rank"``). Action 1
+*nominates* the agent's patch. Every crop masks exactly K = ``masked_count(ratio, N)`` patches
+(``ratio``: the job's ``masking.ratio``, 0.75 by default): round(alpha_t * K) of them drawn at
+random among the nominees (topped up at random when there are too few), the rest uniformly at
+random (:func:`neuroray.masking.nominated_mask`, the rule the trainer's masker follows too).
+alpha_t rises over training (``EnvSettings.alpha``: 0 -> 0.5 over ``run.steps``), read at the
+trainer step of the MIM weights the oracle last scored with. The count never depends on the
+policy. The reward of agent i in crop c::
 
-    r_i = s * (w_team * T_c + w_agent * m_i * l_i)  -  w_ratio * N * max(0, d(rho_c) - d(rho_c^-i))
+    r_i = s * m_i * rc_i        rc_i = (rank of l_i among the crop's masked losses - (K + 1) / 2)
+                                       / ((K - 1) / 2)        (ties share their mean rank)
 
-    m_i      1 if agent i masked its patch, else 0 (after the at-least-one fix-up below)
-    l_i      reconstruction loss of patch i under the crop's joint mask (0 when visible)
-    T_c      the crop's team loss: mean of l over its masked patches (the MAE loss of the crop)
-    rho_c    the emergent mask ratio of the crop (mean of m over its N patches)
-    rho_c^-i the ratio had agent i chosen the other action: rho_c + (1 - 2 m_i) / N
-    d        distance outside the band [lo, hi]: max(0, lo - rho) + max(0, rho - hi)
-    s        +1 for "harder" (default: masks that are hard to reconstruct are good, as in the
-             authors' Patch-AutoAugment lineage) or -1 for "easier" (their later variant)
+    m_i   1 if patch i was masked (by nomination or at random), else 0
+    l_i   its reconstruction loss under the crop's mask (the oracle's target has a noise floor,
+          ``rl.oracle.variance_floor``, so pure noise is not "hard")
+    s     +1 "harder" (default: masking hard patches is good) or -1 "easier"
 
-The band term charges each agent its own share of a band violation: nothing while the ratio is
-inside the band; outside it, an agent whose choice moved the ratio out (a masking agent above the
-band, a keeping agent below it) loses ``w_ratio`` (the part of its 1/N step that lies outside the
-band, times ``w_ratio``), the others lose nothing. A penalty shared equally by all N agents would
-move each agent's reward by only ``w_ratio / N`` per choice and, with per-patch losses near 1,
-would not stop every agent from masking (the policy collapses to ratio 1).
+rc is in [-1, 1] and sums to zero over each crop's masked patches, so the reward carries no
+incentive on how many patches are masked or nominated, only on *which*: a patch whose loss ranks
+high gains by being nominated (nominees are masked more often than the others), one whose loss
+ranks low loses. Ranks are robust to the loss drifting as the MIM model learns. The random
+share keeps losses of patches the policy did not nominate (its counterfactuals) in every crop.
+The learning signal grows with alpha_t (at alpha 0 nominations change nothing).
 
-The MAE needs at least one masked and one visible patch per crop, so in a crop whose agents all
-chose the same action one agent, picked at random, has its choice flipped; rewards use the mask
-the oracle actually scored.
+**The emergent-count game** (``reward.kind="emergent"``, the original dbMiM formulation; kept
+for comparison, it collapses): action 1 *masks* the patch, the ratio emerges from the agents'
+choices, and the reward is :func:`emergent_rewards` (see :class:`EmergentRewardSettings` for
+its formula and why the policy learns "mask more" rather than "where"). A crop whose agents all
+chose the same action has one agent, picked at random, flipped (the MAE needs one masked and one
+visible patch); rewards use the mask the oracle actually scored.
 
-**Infos**: the first agent of each crop (``"<b>_0"``) carries the crop's ``team_loss``,
-``mask_ratio`` (scored), ``chosen_ratio`` (before the fix-up), ``reward_mean`` and
-``mim_version``; other agents get ``{}``.
+**Infos**: the first agent of each crop (``"<b>_0"``) carries the crop's ``team_loss`` (mean
+loss of its masked patches), ``mask_ratio`` (scored), ``chosen_ratio`` (share of agents that
+chose 1), ``from_nominations`` (share of the masked patches drawn as nominees; 1 in the emergent
+game), ``nominee_rank`` (mean rc of the masked patches drawn as nominees, 0 when none: above 0,
+the nominations find patches harder than the crop's average masked patch), ``alpha``,
+``reward_mean`` and ``mim_version``; other agents get ``{}``.
 
 Crops come from a :class:`CropSource`: :class:`PoolCrops` draws them from the ServerPool the MIM
 trainer reads (same data), :class:`ArrayCrops` from any in-memory array (tests, notebooks).
@@ -54,16 +63,23 @@ trainer reads (same data), :class:`ArrayCrops` from any in-memory array (tests, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import gymnasium as gym
 import numpy as np
 from pydantic import Field, model_validator
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
+from scipy.stats import rankdata
 
 from neuroray.config import StrictModel
 from neuroray.errors import NeurorayError
-from neuroray.masking import ensure_both
+from neuroray.masking import (
+    AlphaSchedule,
+    CountRule,
+    ensure_both,
+    masked_count,
+    nominated_mask,
+)
 from neuroray.platform.augment import Sample, as_float_image
 
 
@@ -72,11 +88,50 @@ class EnvError(NeurorayError):
 
 
 # ---------------------------------------------------------------------- reward
-class RewardSettings(StrictModel):
-    """The reward of the masking game (definition in the module docstring)."""
+class RankRewardSettings(StrictModel):
+    """The default reward: each masked patch's loss, rank-centred within its crop's masked set.
 
+    ``r_i = s * m_i * rc_i`` (module docstring): it sums to zero over each crop, so it carries
+    no incentive on the count, only on placement. Used with the fixed-count game.
+    """
+
+    kind: Literal["rank"] = "rank"
     mode: Literal["harder", "easier"] = "harder"
-    """"harder": reward masks that are hard to reconstruct (default); "easier": the opposite."""
+    """"harder": reward nominating patches that are hard to reconstruct (default); "easier": the
+    opposite."""
+
+
+class EmergentRewardSettings(StrictModel):
+    """The original emergent-ratio reward (kept to compare against; **it collapses**).
+
+    ::
+
+        r_i = s * (w_team * T_c + w_agent * m_i * l_i)  -  w_ratio * N * max(0, d(rho_c) - d(rho_c^-i))
+
+        m_i      1 if agent i masked its patch, else 0 (after the at-least-one fix-up)
+        l_i      reconstruction loss of patch i under the crop's joint mask (0 when visible)
+        T_c      the crop's team loss: mean of l over its masked patches (the MAE loss of the crop)
+        rho_c    the emergent mask ratio of the crop (mean of m over its N patches)
+        rho_c^-i the ratio had agent i chosen the other action: rho_c + (1 - 2 m_i) / N
+        d        distance outside the band [lo, hi]: max(0, lo - rho) + max(0, rho - hi)
+        s        +1 for "harder" or -1 for "easier"
+
+    The band term charges each agent its own share of a band violation: an agent whose choice
+    moved the ratio out (a masking agent above the band, a keeping agent below it) loses
+    ``w_ratio`` times the part of its 1/N step outside the band; the others lose nothing.
+
+    **Known collapse.** The own-patch term is >= 0 for every patch (about 1 under the
+    normalised-pixel loss), so under "harder" masking pays for *every* patch whatever it shows:
+    the policy learns "mask more", not "where", and the ratio runs to the band's ceiling (with
+    64 patches per crop the band only bites near p = 0.95, which predicts the measured 0.949 with
+    no image information at all); "easier" is the mirror image and drives the ratio to the
+    floor. The team term is shared, rises with the ratio, and adds variance; the entropy bonus
+    acts on the ratio, not on where. The authors' own adaptive policies collapsed the same way.
+    Use it only to reproduce that; the default is :class:`RankRewardSettings`.
+    """
+
+    kind: Literal["emergent"] = "emergent"
+    mode: Literal["harder", "easier"] = "harder"
     team_weight: float = Field(1.0, ge=0)
     agent_weight: float = Field(1.0, ge=0)
     ratio_band: tuple[float, float] = (0.4, 0.95)
@@ -85,11 +140,42 @@ class RewardSettings(StrictModel):
     loss, so the band holds."""
 
     @model_validator(mode="after")
-    def _band(self) -> RewardSettings:
+    def _band(self) -> EmergentRewardSettings:
         lo, hi = self.ratio_band
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"ratio_band must satisfy 0 <= lo <= hi <= 1, got {self.ratio_band}")
         return self
+
+
+RewardSettings = Annotated[RankRewardSettings | EmergentRewardSettings, Field(discriminator="kind")]
+"""``rl.env.reward``: ``kind: rank`` (default, fixed count) or ``kind: emergent``."""
+
+
+def rank_centred(values: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Each masked entry's rank among its row's masked entries, centred and scaled to [-1, 1].
+
+    ``values`` and ``masks`` [B, N]; ties share their mean rank; 0 where not masked and in rows
+    with fewer than two masked entries. Every row sums to zero. float64 [B, N].
+    """
+    masks = np.asarray(masks, dtype=bool).reshape(len(masks), -1)
+    values = np.asarray(values, dtype=np.float64).reshape(masks.shape)
+    out = np.zeros(masks.shape, dtype=np.float64)
+    for row in range(len(masks)):
+        idx = np.flatnonzero(masks[row])
+        k = len(idx)
+        if k < 2:
+            continue
+        ranks = rankdata(values[row, idx])  # 1 .. k, ties averaged
+        out[row, idx] = (ranks - (k + 1) / 2) / ((k - 1) / 2)
+    return out
+
+
+def rank_rewards(
+    per_patch: np.ndarray, masks: np.ndarray, config: RankRewardSettings
+) -> np.ndarray:
+    """Rewards [B, N] of the fixed-count game: ``s * rank_centred(loss)`` on masked patches."""
+    sign = 1.0 if config.mode == "harder" else -1.0
+    return (sign * rank_centred(per_patch, masks)).astype(np.float32)
 
 
 def ratio_penalty(ratio: np.ndarray, band: tuple[float, float]) -> np.ndarray:
@@ -98,10 +184,11 @@ def ratio_penalty(ratio: np.ndarray, band: tuple[float, float]) -> np.ndarray:
     return np.maximum(0.0, lo - ratio) + np.maximum(0.0, ratio - hi)
 
 
-def masking_rewards(
-    per_patch: np.ndarray, masks: np.ndarray, team: np.ndarray, config: RewardSettings
+def emergent_rewards(
+    per_patch: np.ndarray, masks: np.ndarray, team: np.ndarray, config: EmergentRewardSettings
 ) -> np.ndarray:
-    """Rewards [B, N] of every agent from per-patch losses [B, N], masks [B, N] and team [B]."""
+    """Rewards [B, N] of the emergent game from per-patch losses [B, N], masks [B, N] and team
+    losses [B] (formula: :class:`EmergentRewardSettings`)."""
     masks = masks.reshape(len(masks), -1).astype(np.float64)
     n = masks.shape[1]
     sign = 1.0 if config.mode == "harder" else -1.0
@@ -120,9 +207,18 @@ class EnvSettings(StrictModel):
 
     crops_per_episode: int = Field(4, ge=1)
     """Crops played side by side per episode: one oracle call per B crops."""
-    reward: RewardSettings = RewardSettings()
+    reward: RewardSettings = RankRewardSettings()
+    """The game: ``kind: rank`` (fixed count, learned placement; default) or ``kind: emergent``."""
+    alpha: AlphaSchedule = AlphaSchedule()
+    """Share of each crop's K masked patches drawn from the nominees, over the run's steps (the
+    fixed-count game; the trainer's masker follows the same schedule)."""
     prefetch: bool = True
     """Ask the oracle for the next crops' observations while RLlib digests this step."""
+
+    @property
+    def count(self) -> CountRule:
+        """The count rule the reward's game implies: "fixed" (rank) or "emergent"."""
+        return "fixed" if self.reward.kind == "rank" else "emergent"
 
 
 # ---------------------------------------------------------------------- crop sources
@@ -206,7 +302,9 @@ class MaskingEnv(MultiAgentEnv):
 
     ``config`` (RLlib's ``env_config``) holds ``oracle`` (a :class:`~neuroray.agents.oracle.
     MIMOracle` or its actor handle), ``crops`` (a :class:`CropSource`), optionally ``settings``
-    (an :class:`EnvSettings` or its dict) and ``seed``.
+    (an :class:`EnvSettings` or its dict), ``ratio`` (the job's ``masking.ratio``: K =
+    ``masked_count(ratio, N)``, default 0.75), ``total_steps`` (the trainer's ``run.steps``, the
+    length of the alpha schedule; None holds alpha at its start) and ``seed``.
     """
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
@@ -233,6 +331,15 @@ class MaskingEnv(MultiAgentEnv):
         self.num_patches = int(np.prod(self.grid))
         self.obs_dim = int(info["obs_dim"])
         self.feature_dim = int(info["feature_dim"])
+        ratio = float(config.get("ratio", 0.75))
+        if not 0 < ratio < 1:
+            raise EnvError(f"env_config['ratio'] must be in (0, 1), got {ratio}")
+        self.count: CountRule = self.settings.count
+        self.k = masked_count(ratio, self.num_patches)
+        """Patches masked in every crop (the fixed-count game)."""
+        self.total_steps: int | None = config.get("total_steps")
+        self.mim_step = int(info.get("version", 0))
+        """Trainer step of the MIM weights last scored with: the alpha schedule's clock."""
         b = self.settings.crops_per_episode
         self.possible_agents = [f"{c}_{i}" for c in range(b) for i in range(self.num_patches)]
         self.agents = list(self.possible_agents)
@@ -245,7 +352,12 @@ class MaskingEnv(MultiAgentEnv):
         self._crops: np.ndarray | None = None
         self._obs: np.ndarray | None = None
         self.last: dict[str, Any] = {}
-        """What the last step scored: crops, masks, rewards, team losses (for previews)."""
+        """What the last step scored: crops, choices, masks, nominee draws, losses, rewards."""
+
+    @property
+    def alpha(self) -> float:
+        """Share of the K masked patches drawn from the nominees, at the current trainer step."""
+        return self.settings.alpha.at(self.mim_step, self.total_steps)
 
     # -- crops and observations ---------------------------------------------------------------
     def _request(self) -> tuple[np.ndarray, Any]:
@@ -271,8 +383,8 @@ class MaskingEnv(MultiAgentEnv):
         self.agents = list(self.possible_agents)
         return self._obs_dict(self._obs), {}
 
-    def actions_to_masks(self, actions: dict[str, Any]) -> np.ndarray:
-        """The joint mask [B, N] from the agents' actions (1 = mask)."""
+    def actions_to_choices(self, actions: dict[str, Any]) -> np.ndarray:
+        """The agents' choices [B, N] (True = action 1: nominate, or mask in the emergent game)."""
         missing = set(self.possible_agents) - set(actions)
         if missing:
             raise EnvError(
@@ -282,28 +394,46 @@ class MaskingEnv(MultiAgentEnv):
             (int(actions[a]) for a in self.possible_agents), dtype=np.int64, count=len(actions)
         )
         if not np.isin(values, (0, 1)).all():
-            raise EnvError("actions must be 0 (keep) or 1 (mask)")
+            raise EnvError("actions must be 0 or 1")
         return values.reshape(-1, self.num_patches).astype(bool)
+
+    def choices_to_masks(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """The crops' masks [B, N], which masked patches were drawn as nominees, and alpha."""
+        if self.count == "fixed":
+            alpha = self.alpha
+            masks, from_nominees = nominated_mask(chosen, self.k, alpha, self._rng)
+            return masks, from_nominees, alpha
+        masks = ensure_both(chosen.copy(), self._rng.random(chosen.shape))
+        return masks, masks.copy(), 1.0
 
     def step(self, action_dict: dict[str, Any]):
         if self._crops is None:
             raise EnvError("call reset() before step()")
-        chosen = self.actions_to_masks(action_dict)
-        masks = ensure_both(chosen.copy(), self._rng.random(chosen.shape))
+        chosen = self.actions_to_choices(action_dict)
+        masks, from_nominees, alpha = self.choices_to_masks(chosen)
         scored = _submit(self.oracle, "score", self._crops, masks)
         if self.settings.prefetch:  # the oracle observes the next crops while RLlib works
             self._pending = self._request()
         scored = _result(scored)
         per_patch = np.asarray(scored["per_patch"], dtype=np.float64)
         team = np.asarray(scored["team"], dtype=np.float64)
-        rewards = masking_rewards(per_patch, masks, team, self.settings.reward)
+        self.mim_step = int(scored["version"])
+        reward = self.settings.reward
+        if isinstance(reward, RankRewardSettings):
+            rewards = rank_rewards(per_patch, masks, reward)
+        else:
+            rewards = emergent_rewards(per_patch, masks, team, reward)
+        ranks = rank_centred(per_patch, masks)
         self.last = {
             "crops": self._crops,
+            "chosen": chosen,
             "masks": masks,
+            "from_nominees": from_nominees,
             "per_patch": per_patch,
             "team": team,
             "rewards": rewards,
             "obs": self._obs,
+            "alpha": alpha,
         }
 
         agents = self.possible_agents
@@ -315,10 +445,14 @@ class MaskingEnv(MultiAgentEnv):
         truncated["__all__"] = False
         infos: dict[str, dict] = {a: {} for a in agents}
         for c in range(len(masks)):
+            drawn = from_nominees[c]
             infos[f"{c}_0"] = {
                 "team_loss": float(team[c]),
                 "mask_ratio": float(masks[c].mean()),
                 "chosen_ratio": float(chosen[c].mean()),
+                "from_nominations": float(drawn.sum() / max(1, masks[c].sum())),
+                "nominee_rank": float(ranks[c][drawn].mean()) if drawn.any() else 0.0,
+                "alpha": float(alpha),
                 "reward_mean": float(rewards[c].mean()),
                 "mim_version": int(scored["version"]),
             }

@@ -55,15 +55,28 @@ def _shared_policy(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
     return "shared"
 
 
+EPISODE_MEANS = (
+    "team_loss",
+    "mask_ratio",
+    "chosen_ratio",
+    "from_nominations",
+    "nominee_rank",
+    "alpha",
+    "reward_mean",
+)
+"""Per-crop infos of :class:`~neuroray.agents.env.MaskingEnv` logged as means per iteration."""
+
+
 class MaskingMetrics(RLlibCallback):
-    """Logs each crop's team loss, mask ratios and mean reward from the env's infos."""
+    """Logs each crop's team loss, mask ratios, nomination share and rank, alpha and mean reward
+    from the env's infos (keys: :data:`EPISODE_MEANS`, and ``mim_version`` as a max)."""
 
     def on_episode_end(self, *, episode: Any, metrics_logger: Any = None, **kwargs: Any) -> None:
         if metrics_logger is None:
             return
         heads = [a for a in episode.agent_ids if str(a).endswith("_0")]
         for info in episode.get_infos(-1, agent_ids=heads).values():
-            for key in ("team_loss", "mask_ratio", "chosen_ratio", "reward_mean"):
+            for key in EPISODE_MEANS:
                 if key in info:
                     metrics_logger.log_value(key, info[key], reduce="mean")
             if "mim_version" in info:

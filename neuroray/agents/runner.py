@@ -1,5 +1,6 @@
 """The RL loop of a dbMiM run as a Ray actor: PPO iterations, policy publication, RL checkpoints,
-TensorBoard (``rl/*``), and the lockstep turns with the trainer."""
+TensorBoard (``rl/*``), placement diagnostics (:mod:`neuroray.agents.diagnostics`), and the
+lock-step turns with the trainer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from neuroray.agents.config import DbMiMJob
+from neuroray.agents.diagnostics import placement_diagnostics
 from neuroray.agents.policy_io import (
     check_rl_checkpoint_unpickled,
     latest_rl_checkpoint,
@@ -23,7 +25,9 @@ from neuroray.agents.policy_io import (
     rl_dir,
     save_policy,
 )
-from neuroray.agents.ppo import build_ppo_config
+from neuroray.agents.ppo import EPISODE_MEANS, build_ppo_config
+from neuroray.masking import RandomMasker
+from neuroray.models.policy import ObsLayout
 from neuroray.trainers.dbmim import DbMiMError, probability_preview
 from neuroray.trainers.weights import MIM_CHANNEL, POLICY_CHANNEL, policy_payload
 
@@ -82,16 +86,23 @@ class RLRunner:
             "oracle": self.oracle,
             "crops": crops,
             "settings": self.job.rl.env.model_dump(),
+            "ratio": self.job.masking.ratio,
+            "total_steps": self.job.run.steps,
             "seed": self.job.rl.seed,
         }
-        self.probe = crops.sample(1, np.random.default_rng(self.job.rl.seed + 7919))
+        rng = np.random.default_rng(self.job.rl.seed + 7919)
+        self.probe = crops.sample(self.job.rl.probe_crops, rng)
+        grid = (len(self.probe), *info["grid"])
+        self.probe_masks = RandomMasker(ratio=self.job.masking.ratio).mask(grid, rng)
         return build_ppo_config(self.job.rl, env_config, self.feature_dim).build_algo()
 
-    def _publish(self, algo: Any) -> None:
+    def _publish(self, algo: Any, mim_step: int = -1) -> None:
         import ray
 
         net = algo.get_module("shared").net
-        payload = policy_payload(net, self.feature_dim, self.job.rl.policy, self.iteration)
+        payload = policy_payload(
+            net, self.feature_dim, self.job.rl.policy, self.iteration, mim_step=mim_step
+        )
         ray.get(self.store.put.remote(POLICY_CHANNEL, self.iteration, payload))
 
     def _save(self, algo: Any, directory: Path) -> Path:
@@ -126,19 +137,27 @@ class RLRunner:
         self.summary["restored_from"] = str(latest)
         self._publish(algo)
 
-    def _probe_preview(self, algo: Any) -> np.ndarray:
+    def _probe(self, algo: Any) -> tuple[np.ndarray, dict[str, float]]:
+        """The preview of the first probe crop and the placement diagnostics of all of them."""
         import ray
 
-        obs = ray.get(self.oracle.observe.remote(self.probe))
+        obs = np.asarray(ray.get(self.oracle.observe.remote(self.probe)))
+        scored = ray.get(self.oracle.score.remote(self.probe, self.probe_masks))
         net = algo.get_module("shared").net
-        probs = net.mask_probability(torch.tensor(np.asarray(obs))).numpy()
-        grid_shape = tuple(
-            s // p for s, p in zip(self.probe.shape[1:], self.patch_size, strict=True)
+        probs = net.mask_probability(torch.tensor(obs)).numpy()
+        grid_shape = self.probe_masks.shape[1:]
+        energy = obs[..., ObsLayout(self.feature_dim).stats][..., 2]  # log gradient energy
+        diagnostics = placement_diagnostics(
+            probs, scored["per_patch"], self.probe_masks.reshape(len(probs), -1), energy
         )
-        return probability_preview(self.probe[0], probs[0].reshape(grid_shape), self.patch_size)
+        preview = probability_preview(
+            self.probe[0], probs[0].reshape(grid_shape), self.patch_size, self.probe_masks[0]
+        )
+        return preview, diagnostics
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        import ray
         from torch.utils.tensorboard import SummaryWriter
 
         rl, job = self.job.rl, self.job
@@ -158,25 +177,28 @@ class RLRunner:
                 tick = time.perf_counter()
                 result = algo.train()
                 self.iteration += 1
-                self._publish(algo)
+                scalars = _rl_scalars(result)
+                mim_step = int(scalars.get("mim_version", -1))
+                self._publish(algo, mim_step)
                 elapsed = time.perf_counter() - tick
                 steps = _agent_steps(result)
                 decisions, busy = decisions + steps, busy + elapsed
-                scalars = _rl_scalars(result)
                 scalars.update(
                     decisions_per_s=steps / max(elapsed, 1e-9),
                     crops_per_s=steps / max(elapsed, 1e-9) / self._patches_per_crop(),
                     iteration_s=elapsed,
                 )
+                if mim_step >= 0:  # how far the trainer has moved past the weights scored with
+                    published = ray.get(self.store.version.remote(MIM_CHANNEL))
+                    scalars["mim_lag_steps"] = float(max(0, published - mim_step))
+                if self.iteration % rl.preview_every == 0 or self.iteration == start_iteration + 1:
+                    preview, diagnostics = self._probe(algo)
+                    writer.add_image(
+                        "rl/mask_probability", preview, self.iteration, dataformats="HWC"
+                    )
+                    scalars.update({f"diag_{k}": v for k, v in diagnostics.items()})
                 for key, value in scalars.items():
                     writer.add_scalar(f"rl/{key}", value, self.iteration)
-                if self.iteration % rl.preview_every == 0 or self.iteration == start_iteration + 1:
-                    writer.add_image(
-                        "rl/mask_probability",
-                        self._probe_preview(algo),
-                        self.iteration,
-                        dataformats="HWC",
-                    )
                 self.summary.update(
                     scalars,
                     iterations=self.iteration,
@@ -192,6 +214,11 @@ class RLRunner:
                 if self.iteration % rl.checkpoint_every == 0:
                     self._save(algo, directory)
                     saved_at = self.iteration
+            if self.iteration > start_iteration:  # the final policy's diagnostics
+                _, diagnostics = self._probe(algo)
+                for key, value in diagnostics.items():
+                    self.summary[f"diag_{key}"] = value
+                    writer.add_scalar(f"rl/diag_{key}", value, self.iteration)
             if self.iteration > saved_at or latest_rl_checkpoint(directory) is None:
                 self._save(algo, directory)
             self.summary["checkpoint"] = str(latest_rl_checkpoint(directory))
@@ -250,7 +277,7 @@ def _rl_scalars(result: dict[str, Any]) -> dict[str, float]:
     runners = result.get("env_runners", {})
     learner = result.get("learners", {}).get("shared", {})
     scalars = {}
-    for key in ("reward_mean", "team_loss", "mask_ratio", "chosen_ratio", "mim_version"):
+    for key in (*EPISODE_MEANS, "mim_version"):
         if key in runners:
             scalars[key] = float(runners[key])
     for key in ("entropy", "policy_loss", "vf_loss", "vf_explained_var", "mean_kl_loss"):

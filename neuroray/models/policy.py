@@ -24,9 +24,11 @@ masks from the policy, so the policy sees the same kind of input on both sides.
 context), each layer-normalised (the encoder's feature scale drifts as the MIM model trains),
 concatenated with the patch position and statistics. The actor and the critic are separate MLPs
 over that input (no shared trunk, so value regression cannot disturb the policy). The actor
-outputs 2 logits, [keep, mask]; its last layer starts near zero with a bias that makes the
-initial probability of masking ``initial_mask_prob`` (MAE's usual 0.75), so the first policy
-behaves like the random masker it replaces.
+outputs 2 logits for actions [0, 1]: in dbMiM's default fixed-count game 1 *nominates* the patch
+(the env masks a fixed K per crop, a share alpha of them from the nominees), in the emergent game
+1 masks it. Its last layer starts near zero with a bias that makes the initial probability of
+action 1 ``initial_mask_prob`` for every patch (0.5: the most nominations that still leave the
+nominees a real advantage; any constant gives uniformly random masks in the fixed-count game).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def patch_observations(
 
 # ---------------------------------------------------------------------- the net
 MASK = 1
-"""Action (and logit index) that masks a patch; 0 keeps it."""
+"""Action (and logit index) that nominates (fixed-count game) or masks (emergent game) a patch."""
 
 
 class PolicyConfig(StrictModel):
@@ -145,7 +147,8 @@ class PolicyConfig(StrictModel):
     hidden: int = Field(64, ge=1)
     depth: int = Field(2, ge=1)
     """Hidden layers of the actor and of the critic."""
-    initial_mask_prob: float = Field(0.75, gt=0, lt=1)
+    initial_mask_prob: float = Field(0.5, gt=0, lt=1)
+    """Initial probability of action 1 (nominate, or mask in the emergent game), every patch."""
 
 
 def _mlp(inputs: int, hidden: int, depth: int, outputs: int) -> nn.Sequential:
@@ -160,7 +163,7 @@ class PatchPolicyNet(nn.Module):
     """obs [..., 2D + 6] -> logits [..., 2] ([keep, mask]) and value [...]."""
 
     def __init__(
-        self, feature_dim: int, hidden: int = 64, depth: int = 2, initial_mask_prob: float = 0.75
+        self, feature_dim: int, hidden: int = 64, depth: int = 2, initial_mask_prob: float = 0.5
     ) -> None:
         super().__init__()
         self.layout = ObsLayout(feature_dim)
@@ -203,7 +206,7 @@ class PatchPolicyNet(nn.Module):
 
     @torch.no_grad()
     def mask_probability(self, obs: Tensor) -> Tensor:
-        """Probability that the policy masks each patch: obs [..., 2D + 6] -> [...]."""
+        """Probability of action 1 (nominate / mask) for each patch: obs [..., 2D + 6] -> [...]."""
         return self.logits(obs.float()).softmax(-1)[..., MASK]
 
 

@@ -2,15 +2,28 @@
 
 :class:`DbMiMTask` runs in every Train worker of a dbMiM run (see :mod:`neuroray.agents.dbmim`
 for the whole run). Each step it polls the :class:`~neuroray.trainers.weights.WeightStore` for a
-newer policy without blocking (or, in lockstep mode, waits for its turn), computes the policy's
-per-patch mask probabilities on its own batch (:func:`~neuroray.models.policy.patch_observations`
-and :class:`~neuroray.models.policy.PatchPolicyNet`, plain torch) and samples masks from them;
-rank 0 publishes the MAE weights every ``rl.publish_mim_every`` steps for the MIM oracle. Until
-the first policy arrives it masks at random at ``masking.ratio``.
+newer policy without blocking (or, with the lock-step cadence ``rl.steps_per_policy``, waits for
+its turn), computes the policy's per-patch probabilities on its own batch
+(:func:`~neuroray.models.policy.patch_observations` and
+:class:`~neuroray.models.policy.PatchPolicyNet`, plain torch), samples the policy's choices from
+them and masks by the rule of the env's game (:class:`~neuroray.masking.PolicyMasker`): in the
+default fixed-count game the choices are nominations, every crop masks exactly
+K = round(masking.ratio * N) patches and round(alpha_t * K) of them are drawn from the nominees
+(``rl.env.alpha`` at this step of ``run.steps``), the rest at random -- the rule the agents are
+rewarded under; in the emergent game the choices are the mask. Rank 0 publishes the MAE weights
+every ``rl.publish_mim_every`` steps (and at every lock-step turn) for the MIM oracle. Until the
+first policy arrives it masks K patches at random.
+
+Logged per step (``train/*``): ``mask_ratio``, ``policy_version``, ``policy_mask_prob`` (mean
+probability of choosing a patch: nominating it, in the fixed-count game), ``policy_prob_sd``
+(within-crop sd of that probability: does the policy tell patches apart?), ``policy_entropy``,
+``alpha``, ``mask_from_nominations`` (share of the masked patches drawn as nominees),
+``policy_lag_steps`` (this step minus the MIM step the policy was last rewarded by), and what the
+coupling costs per step (``policy_ms``, ``publish_ms``).
 
 The task lives at the trainers layer beside MAE's (:mod:`neuroray.trainers.pretrain`) and MS-Con's
 (:mod:`neuroray.trainers.mscon`), and so imports nothing from :mod:`neuroray.agents`: its job is
-:class:`neuroray.agents.config.DbMiMJob`, of which it reads the MAE job's fields and the four RL
+:class:`neuroray.agents.config.DbMiMJob`, of which it reads the MAE job's fields and the RL
 settings named by :class:`RLCoupling`.
 """
 
@@ -25,6 +38,7 @@ import torch
 from torch import nn
 
 from neuroray.errors import NeurorayError
+from neuroray.masking import AlphaSchedule, CountRule, PolicyMasker
 from neuroray.models.policy import FeatureSource, patch_observations
 from neuroray.preview import grid, to_grey
 from neuroray.trainers.loop import unwrap
@@ -48,6 +62,15 @@ class OracleFeatures(Protocol):
     feature_source: FeatureSource
 
 
+class GameRule(Protocol):
+    """What the trainer reads of ``rl.env`` (:class:`neuroray.agents.env.EnvSettings`)."""
+
+    alpha: AlphaSchedule
+
+    @property
+    def count(self) -> CountRule: ...
+
+
 class RLCoupling(Protocol):
     """What the trainer side reads of ``job.rl`` (:class:`neuroray.agents.config.RLSettings`)."""
 
@@ -58,11 +81,21 @@ class RLCoupling(Protocol):
     @property
     def oracle(self) -> OracleFeatures: ...
 
+    @property
+    def env(self) -> GameRule: ...
+
 
 def binary_entropy(probs: np.ndarray | torch.Tensor) -> float:
     """Mean entropy (nats) of independent Bernoulli(p) choices."""
     p = torch.as_tensor(probs, dtype=torch.float64).clamp(1e-7, 1 - 1e-7)
     return float((-(p * p.log() + (1 - p) * (1 - p).log())).mean())
+
+
+def within_crop_sd(probs: np.ndarray) -> float:
+    """Standard deviation of per-patch probabilities within each crop, averaged over crops
+    (0: the policy treats every patch of a crop alike, whatever its content)."""
+    flat = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
+    return float(flat.std(1).mean())
 
 
 # ---------------------------------------------------------------------- previews
@@ -99,6 +132,7 @@ class DbMiMTask(MAETask):
         self.store = worker.extras.get("store")
         self.policy: nn.Module | None = None
         self.policy_version = 0  # RL iterations count from 1; 0 = none yet
+        self.policy_mim_step = -1  # the MIM step the policy was last rewarded by (-1: unknown)
         self._poll: Any = None
         self._next_poll = 0.0
         self._publish: Any = None
@@ -151,6 +185,7 @@ class DbMiMTask(MAETask):
             version, payload = found
             self.policy = policy_from_payload(payload).to(self.worker.device)
             self.policy_version = int(version)
+            self.policy_mim_step = int(payload.get("mim_step", -1))
 
     def publish_mim(self, model: nn.Module, step: int) -> None:
         import ray
@@ -162,8 +197,22 @@ class DbMiMTask(MAETask):
         self._published_once = True
 
     # -- masks --------------------------------------------------------------------------------
+    @property
+    def policy_masker(self) -> PolicyMasker:
+        masker = self.masker
+        if not isinstance(masker, PolicyMasker):
+            raise DbMiMError(
+                f"dbMiM's trainer needs masking.name=policy, got {masker.name!r}; other maskers "
+                "run as plain MAE controls (run_dbmim does that without the RL side)"
+            )
+        return masker
+
+    def alpha(self, step: int) -> float:
+        """Share of the K masked patches drawn from the policy's nominations at ``step``."""
+        return self.rl.env.alpha.at(step, self.job.run.steps)
+
     def mask_probabilities(self, model: nn.Module, image: torch.Tensor) -> np.ndarray | None:
-        """The policy's probability of masking each patch of each crop, [B, Nz, Ny, Nx]."""
+        """The policy's probability of choosing each patch of each crop, [B, Nz, Ny, Nx]."""
         if self.policy is None:
             return None
         raw = unwrap(model)
@@ -172,22 +221,37 @@ class DbMiMTask(MAETask):
             probs = self.policy.mask_probability(obs).float().cpu().numpy().astype(np.float64)
         return probs.reshape(len(image), *self.token_grid(raw))
 
+    def use_policy(self, probs: np.ndarray | None, step: int) -> None:
+        """Mask the next batch by the env's rule from these probabilities (None: at random)."""
+        if probs is None:
+            self.policy_masker.set_source(None)
+            return
+        self.policy_masker.set_source(
+            lambda grid, rng: probs, count=self.rl.env.count, alpha=self.alpha(step)
+        )
+
     def loss(
         self, model: nn.Module, batch: dict[str, Any], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         tick = time.perf_counter()
         self.poll_policy(step)
         probs = self.mask_probabilities(model, batch["image"])
-        self.masker.set_source(None if probs is None else (lambda grid, rng: probs))
+        self.use_policy(probs, step)
         coupling_ms = 1000 * (time.perf_counter() - tick)
         loss, scalars = super().loss(model, batch, step)
         scalars["policy_ms"] = coupling_ms  # polling + the policy's forward on this batch
         scalars["policy_version"] = float(self.policy_version)
         # every step logs these (the loop averages over all steps of a window): before the first
         # policy, the random masker's per-patch probability (its ratio) and its entropy
-        marginal = probs if probs is not None else np.array([self.masker.ratio])
+        marginal = probs if probs is not None else np.array([self.policy_masker.ratio])
         scalars["policy_mask_prob"] = float(marginal.mean())
         scalars["policy_entropy"] = binary_entropy(marginal)
+        scalars["policy_prob_sd"] = within_crop_sd(probs) if probs is not None else 0.0
+        stats = self.policy_masker.last_stats
+        scalars["mask_from_nominations"] = stats.get("from_nominations", 0.0)
+        scalars["alpha"] = stats["alpha"] if probs is not None else self.alpha(step)
+        if self.policy is not None and self.policy_mim_step >= 0:
+            scalars["policy_lag_steps"] = float(step - self.policy_mim_step)
         return loss, scalars
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -203,7 +267,7 @@ class DbMiMTask(MAETask):
     def previews(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, np.ndarray]:
         image = batch["image"][:1]
         probs = self.mask_probabilities(model, image)
-        self.masker.set_source(None if probs is None else (lambda grid, rng: probs))
+        self.use_policy(probs, step)
         mask = self.masks(model, 1, step)
         previews = {"pretrain/input_mask_reconstruction": mae_preview(model, image, mask)}
         if probs is not None:

@@ -84,13 +84,17 @@ def numpy_to_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor
     return {key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}
 
 
-def policy_payload(net: nn.Module, feature_dim: int, config: PolicyConfig, iteration: int) -> dict:
-    """What the RL side publishes: weights and what is needed to rebuild the net."""
+def policy_payload(
+    net: nn.Module, feature_dim: int, config: PolicyConfig, iteration: int, mim_step: int = -1
+) -> dict:
+    """What the RL side publishes: weights, what is needed to rebuild the net, and ``mim_step``,
+    the trainer step of the MIM weights its last iteration was rewarded by (-1: unknown)."""
     return {
         "state_dict": state_dict_to_numpy(net.state_dict()),
         "feature_dim": int(feature_dim),
         "policy": config.model_dump(),
         "iteration": int(iteration),
+        "mim_step": int(mim_step),
     }
 
 

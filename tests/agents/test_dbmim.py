@@ -67,7 +67,7 @@ def tiny_job(image: str, storage: str = "runs", steps: int = 24, **rl) -> dict:
             "preview_every": 12,
         },
         "rl": {
-            "env": {"crops_per_episode": 4, "reward": {"ratio_band": [0.4, 0.8]}},
+            "env": {"crops_per_episode": 4, "reward": {"kind": "rank"}},
             "ppo": {"train_batch_agent_steps": 512, "minibatch_size": 256, "num_epochs": 2},
             "publish_mim_every": 4,
             "checkpoint_every": 2,
@@ -89,14 +89,21 @@ def test_example_config_loads_and_the_random_override_is_the_control():
     assert job.uses_policy and isinstance(job.masking, PolicyMasker)
     assert DbMiMJob.model_validate_json(job.model_dump_json()) == job
 
+    # the shipped game: fixed count K, rank reward, alpha 0 -> 0.5, lock-step cadence
+    assert job.rl.env.count == "fixed" and job.rl.env.reward.kind == "rank"
+    assert (job.rl.env.alpha.start, job.rl.env.alpha.end) == (0.0, 0.5)
+    assert job.rl.steps_per_policy is not None and job.rl.oracle.reward_target == "floored"
+
     control = load_config(
-        DbMiMJob,
-        REPO / "configs" / "pretrain_dbmim.yaml",
-        ["masking.name=random", "masking.ratio=0.83"],
+        DbMiMJob, REPO / "configs" / "pretrain_dbmim.yaml", ["masking.name=random"]
     )
     assert not control.uses_policy
-    assert control.masking == RandomMasker(ratio=0.83)
+    assert control.masking == RandomMasker(ratio=job.masking.ratio)  # the same K
     assert control.model == job.model and control.run.steps == job.run.steps
+    emergent = load_config(
+        DbMiMJob, REPO / "configs" / "pretrain_dbmim.yaml", ["rl.env.reward.kind=emergent"]
+    )
+    assert emergent.rl.env.count == "emergent"
 
 
 def test_the_cli_lists_dbmim():
@@ -134,18 +141,31 @@ def test_trainer_samples_masks_from_the_published_policy_and_publishes_its_weigh
     assert scalars["policy_version"] == 0
     assert scalars["mask_ratio"] == pytest.approx(0.75)  # random masking until a policy arrives
     assert scalars["policy_mask_prob"] == pytest.approx(0.75)
+    assert scalars["mask_from_nominations"] == 0 and scalars["alpha"] == 0
 
     config = PolicyConfig(initial_mask_prob=0.1)
     torch.manual_seed(1)
     net = build_policy_net(WIDTH, config)
-    ray_session.get(store.put.remote(POLICY_CHANNEL, 3, policy_payload(net, WIDTH, config, 3)))
+    payload = policy_payload(net, WIDTH, config, 3, mim_step=1)
+    ray_session.get(store.put.remote(POLICY_CHANNEL, 3, payload))
     step, deadline = 0, time.monotonic() + 30
     while scalars["policy_version"] != 3 and time.monotonic() < deadline:
         step += 1  # polling never blocks a step: the policy shows up a few steps later
         _, scalars = task.loss(model, batch, step)
     assert scalars["policy_version"] == 3
     assert scalars["policy_mask_prob"] == pytest.approx(0.1, abs=0.03)
-    assert scalars["mask_ratio"] < 0.25  # 256 patches, each masked with probability ~0.1
+    assert scalars["policy_prob_sd"] < 0.05  # a fresh policy treats every patch alike
+    # the fixed-count rule: exactly K = 24 of 32 per crop, whatever the policy's nomination
+    # rate; the nominees (~3 per crop) supply at most round(alpha K) of them
+    assert scalars["mask_ratio"] == 0.75
+    alpha = 0.5 * step / job.run.steps
+    assert scalars["alpha"] == pytest.approx(alpha)
+    assert scalars["mask_from_nominations"] <= round(alpha * 24) / 24
+    assert scalars["policy_lag_steps"] == step - 1  # trained against the MIM weights of step 1
+    task.use_policy(np.ones((8, 2, 4, 4)), job.run.steps)  # every patch nominated, alpha 0.5
+    mask = task.masks(model, 8, step)
+    assert (mask.reshape(8, -1).sum(1) == 24).all()
+    assert task.policy_masker.last_stats["from_nominations"] == pytest.approx(12 / 24)
     previews = task.previews(model, batch, step)
     image = previews["pretrain/mask_probability"]
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
@@ -198,6 +218,9 @@ def test_dbmim_end_to_end_on_em_both_sides_learn_checkpoint_and_resume(
     assert metrics["policy_version"] >= 5  # the trainer masked with recent policies
     assert metrics["rl/policy_change"] > 1e-3  # the policy's weights moved
     assert 0 < metrics["rl/decisions_per_s"] and 0 < metrics["rl/crops_per_s"]
+    assert metrics["mask_ratio"] == 0.75  # exactly K in every crop of the window
+    for key in ("within_crop_sd", "spearman_heldout_loss", "spearman_position"):
+        assert np.isfinite(metrics[f"rl/diag_{key}"]), key  # diagnostics of the final policy
 
     tensorboard = job.run.tensorboard_path()
     losses = _scalars(tensorboard, "train/loss")
@@ -205,7 +228,23 @@ def test_dbmim_end_to_end_on_em_both_sides_learn_checkpoint_and_resume(
     assert "pretrain/mask_probability" in _images(tensorboard)
     for tag in ("rl/reward_mean", "rl/entropy", "rl/mask_ratio", "rl/team_loss"):
         assert _scalars(tensorboard / "rl", tag), tag
+    for tag in ("rl/from_nominations", "rl/nominee_rank", "rl/alpha", "rl/diag_within_crop_sd"):
+        assert _scalars(tensorboard / "rl", tag), tag
+    assert set(_scalars(tensorboard / "rl", "rl/mask_ratio")) == {0.75}
     assert "rl/mask_probability" in _images(tensorboard / "rl")
+    alphas = _scalars(tensorboard, "train/alpha")
+    assert alphas == sorted(alphas) and 0 < alphas[-1] <= 0.5  # alpha rises with the steps
+    assert _scalars(tensorboard, "train/mask_from_nominations")
+    # lock-step cadence 4: the policy is never more than ~2 turns behind the MIM model
+    lags = _scalars(tensorboard, "train/policy_lag_steps")
+    print(
+        "policy lag (trainer steps):",
+        lags,
+        "mim lag:",
+        _scalars(tensorboard / "rl", "rl/mim_lag_steps"),
+    )
+    assert lags and max(lags) <= 8
+    assert max(_scalars(tensorboard / "rl", "rl/mim_lag_steps")) <= 8
 
     first_rl = Path(metrics["rl/checkpoint"])
     assert (first_rl / "rl_state.json").exists() and (first_rl / "policy.pt").exists()

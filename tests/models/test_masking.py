@@ -1,4 +1,5 @@
-"""Maskers: exact ratios, shapes, determinism, tube and block structure, the policy hook."""
+"""Maskers: exact ratios, shapes, determinism, tube and block structure, the policy hook and
+its two rules (fixed count with nominations, emergent count)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from neuroray.config import StrictModel, from_json, to_json
 from neuroray.errors import ConfigError, RegistryError
 from neuroray.masking import (
     MASKERS,
+    AlphaSchedule,
     BlockMasker,
     MaskerSpec,
     MaskingError,
@@ -19,6 +21,7 @@ from neuroray.masking import (
     build_masker,
     mask_ratio,
     masked_count,
+    nominated_mask,
 )
 
 GRID = (4, 8, 10, 10)  # the EM default: 32x160x160 crops, 4x16x16 patches
@@ -89,7 +92,7 @@ def test_policy_masker_masks_at_random_until_a_source_is_set():
     np.testing.assert_array_equal(mask_ratio(masker.mask(GRID, np.random.default_rng(0))), 0.8)
 
 
-def test_policy_masker_samples_from_source_probabilities():
+def test_policy_masker_emergent_rule_samples_the_mask_from_source_probabilities():
     masker = build_masker("policy", ratio=0.5)
     probs = np.zeros(GRID)
     probs[:, :4] = 1.0  # mask the first half in z for sure, never the second half
@@ -100,7 +103,7 @@ def test_policy_masker_samples_from_source_probabilities():
         calls.append(grid)
         return probs
 
-    masker.set_source(policy)
+    masker.set_source(policy, count="emergent")
     masks = np.stack([masker.mask(GRID, np.random.default_rng(s)) for s in range(40)])
     assert calls[0] == GRID
     assert masks[:, :, :4].all() and not masks[:, :, 4:, 1:].any()
@@ -109,15 +112,82 @@ def test_policy_masker_samples_from_source_probabilities():
     np.testing.assert_array_equal(mask_ratio(masker.mask(GRID, np.random.default_rng(0))), 0.5)
 
 
-def test_policy_masker_keeps_one_visible_and_one_masked_token():
+def test_policy_masker_emergent_rule_keeps_one_visible_and_one_masked_token():
     masker = PolicyMasker()
-    masker.set_source(lambda grid, rng: np.ones(grid, dtype=bool))
+    masker.set_source(lambda grid, rng: np.ones(grid, dtype=bool), count="emergent")
     assert (mask_ratio(masker.mask(GRID, np.random.default_rng(0))) == 1 - 1 / 800).all()
     low = np.zeros(GRID)
     low[:, 3, 4, 5] = 1e-3  # the most maskable token is the one fixed up to masked
-    masker.set_source(lambda grid, rng: low)
+    masker.set_source(lambda grid, rng: low, count="emergent")
     mask = masker.mask(GRID, np.random.default_rng(0))
     assert mask.sum() == GRID[0] and mask[:, 3, 4, 5].all()
+
+
+# ---------------------------------------------------------------------- fixed count
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.5, 1.0])
+def test_nominated_mask_masks_exactly_k_and_honours_round_alpha_k_nominations(alpha, share):
+    rng = np.random.default_rng(int(alpha * 10 + share * 100))
+    n, k = 64, 48
+    nominations = rng.random((50, n)) < share
+    mask, drawn = nominated_mask(nominations, k, alpha, rng)
+    assert mask.dtype == bool and mask.shape == nominations.shape
+    assert (mask.sum(1) == k).all()  # the count never depends on the nominations
+    assert not (drawn & ~mask).any() and not (drawn & ~nominations).any()
+    chosen = round(alpha * k)
+    # round(alpha K) drawn from the nominees (all of them when there are fewer)
+    np.testing.assert_array_equal(drawn.sum(1), np.minimum(chosen, nominations.sum(1)))
+    assert ((mask & nominations).sum(1) >= np.minimum(chosen, nominations.sum(1))).all()
+
+
+def test_nominated_mask_draws_the_rest_uniformly_so_every_token_can_be_masked():
+    rng = np.random.default_rng(0)
+    n, k, alpha = 32, 24, 0.5
+    nominations = np.zeros((4000, n), bool)
+    nominations[:, :16] = True  # the first half nominated every time
+    mask, drawn = nominated_mask(nominations, k, alpha, rng)
+    # 12 from the 16 nominees, then 12 of the 20 left at random: P = 12/16 + 4/16 * 12/20 = 0.9
+    np.testing.assert_allclose(mask[:, :16].mean(), 0.9, atol=0.01)
+    np.testing.assert_allclose(mask[:, 16:].mean(), 12 / 20, atol=0.01)
+    np.testing.assert_allclose(drawn.sum(1), 12)
+    # alpha 0: nominations change nothing
+    uniform, none = nominated_mask(nominations, k, 0.0, rng)
+    np.testing.assert_allclose(uniform.mean(0), k / n, atol=0.03)
+    assert not none.any()
+
+
+def test_alpha_schedule_endpoints_and_ramp():
+    schedule = AlphaSchedule()  # 0 -> 0.5 over the whole run (hard-patches mining)
+    assert schedule.at(0, 100) == 0.0 and schedule.at(100, 100) == 0.5
+    assert schedule.at(50, 100) == pytest.approx(0.25)
+    assert schedule.at(500, 100) == 0.5 and schedule.at(7, None) == 0.0
+    early = AlphaSchedule(start=0.1, end=0.4, ramp=0.5)
+    assert early.at(0, 100) == pytest.approx(0.1) and early.at(25, 100) == pytest.approx(0.25)
+    assert early.at(50, 100) == pytest.approx(0.4) and early.at(90, 100) == pytest.approx(0.4)
+    assert AlphaSchedule(ramp=0).at(0, 100) == 0.5
+    with pytest.raises(ValueError):
+        AlphaSchedule(end=1.5)
+
+
+def test_policy_masker_fixed_rule_masks_exactly_k_whatever_the_policy_says():
+    masker = PolicyMasker(ratio=0.75)
+    k = masked_count(0.75, 800)
+    for probs, alpha in [(0.01, 0.5), (0.99, 0.5), (0.5, 0.0), (0.99, 1.0)]:
+        masker.set_source(lambda grid, rng, p=probs: np.full(grid, p), alpha=alpha)
+        mask = masker.mask(GRID, np.random.default_rng(1))
+        assert (mask.reshape(GRID[0], -1).sum(1) == k).all()
+        stats = masker.last_stats
+        assert stats["alpha"] == alpha and stats["nominated"] == pytest.approx(probs, abs=0.03)
+        # the nominees supply round(alpha K) of the K (fewer only when too few were nominated)
+        expected = min(round(alpha * k), probs * 800) / k
+        assert stats["from_nominations"] == pytest.approx(expected, abs=0.03)
+    # a bool source gives the nominations as they are: the nominees fill their share
+    nominated = np.zeros(GRID, bool)
+    nominated[:, :4] = True  # 400 of 800
+    masker.set_source(lambda grid, rng: nominated, alpha=0.5)
+    mask = masker.mask(GRID, np.random.default_rng(2))
+    assert (mask.reshape(GRID[0], -1).sum(1) == k).all()
+    assert (mask[:, :4].reshape(GRID[0], -1).sum(1) >= round(0.5 * k)).all()
 
 
 def test_policy_masker_rejects_bad_sources():
@@ -130,6 +200,10 @@ def test_policy_masker_rejects_bad_sources():
         masker.mask(GRID, np.random.default_rng(0))
     with pytest.raises(MaskingError, match="callable"):
         masker.set_source("not a policy")
+    with pytest.raises(MaskingError, match="alpha"):
+        masker.set_source(lambda grid, rng: np.zeros(grid), alpha=1.5)
+    with pytest.raises(MaskingError, match="count"):
+        masker.set_source(lambda grid, rng: np.zeros(grid), count="more")
 
 
 def test_bad_grids_and_names_are_actionable_errors():
