@@ -268,6 +268,11 @@ class PolicyMasker(Masker):
         description="K = round(ratio * N) masked tokens per sample (fixed count), and the "
         "random-masking ratio before a source is set",
     )
+    invert: bool = Field(
+        False,
+        description="the inverted control: nominate what the source ranks lowest (the trainer "
+        "turns probabilities p into 1 - p and scores into their reverse order)",
+    )
     _source: MaskSource | None = PrivateAttr(default=None)
     _count: CountRule = PrivateAttr(default="fixed")
     _alpha: float = PrivateAttr(default=0.0)
@@ -341,8 +346,25 @@ class PolicyMasker(Masker):
         return ensure_both(choices, probs + 1e-9 * rng.random(dims))
 
 
+@MASKERS.register("heuristic")
+class HeuristicMasker(PolicyMasker):
+    """A cheap content-aware control for dbMiM: its fixed-count rule with the nominations taken
+    from the crop itself instead of a policy.
+
+    Every sample masks exactly K = ``masked_count(ratio, N)`` tokens: the round(alpha * K) with
+    the highest ``score`` (gradient energy: the mean squared forward difference over the patch;
+    the lowest with ``invert``) and the rest uniformly at random, alpha following the same
+    schedule as the policy's share (``rl.env.alpha``). The task that owns the crops sets the
+    source each step (:class:`neuroray.trainers.dbmim.DbMiMTask`); without one it masks at random.
+    """
+
+    name: Literal["heuristic"] = "heuristic"  # type: ignore[assignment]
+    score: Literal["gradient_energy"] = "gradient_energy"
+
+
 MaskerSpec = Annotated[
-    RandomMasker | TubeMasker | BlockMasker | PolicyMasker, Field(discriminator="name")
+    RandomMasker | TubeMasker | BlockMasker | PolicyMasker | HeuristicMasker,
+    Field(discriminator="name"),
 ]
 """Config field type for a masker: ``masking: MaskerSpec = RandomMasker()``; YAML gives ``name``."""
 
@@ -359,6 +381,7 @@ __all__ = [
     "BatchGrid",
     "BlockMasker",
     "CountRule",
+    "HeuristicMasker",
     "Masker",
     "MaskerSpec",
     "MaskingError",

@@ -72,8 +72,10 @@ class DbMiMJob(MAEJob):
 
     ``masking`` is the policy masker: its ``ratio`` fixes K = round(ratio * N) masked patches per
     crop on both sides (fixed-count game, ``rl.env.reward.kind: rank``) and is the random ratio
-    until the first policy arrives. Any other masker runs a control without the RL side
-    (``masking.name=random`` at the same ratio: random masking with exactly the same K).
+    until the first policy arrives. Controls at the same K and alpha schedule, by name:
+    ``masking.invert=true`` (the inverted policy; the RL side runs), ``masking.name=heuristic``
+    (top patches by gradient energy) and ``masking.name=random`` (random K), both without the RL
+    side.
     """
 
     masking: MaskerSpec = PolicyMasker(ratio=0.75)
@@ -98,4 +100,12 @@ class DbMiMJob(MAEJob):
 
     @property
     def uses_policy(self) -> bool:
+        """Whether the masks come from the RL policy (``masking.name=policy``), which needs the
+        RL side; the heuristic and random controls do not."""
+        return isinstance(self.masking, PolicyMasker) and self.masking.name == "policy"
+
+    @property
+    def uses_content(self) -> bool:
+        """Whether the trainer reads the crops to place masks (policy, inverted or heuristic),
+        and so needs dbMiM's task rather than plain MAE's."""
         return isinstance(self.masking, PolicyMasker)

@@ -52,8 +52,11 @@ nomination probability | the mask); ``rl/*`` from the RL loop (``reward_mean``, 
 nomination probability, its Spearman correlation with held-out per-patch loss, gradient energy
 and position); the final policy's diagnostics are also in the result's metrics.
 
-**The control.** ``masking.name=random`` runs the same job as plain MAE with random masking of
-the same K per crop and no RL side: same data, model, steps and batch size.
+**The controls**, at the same K per crop and the same alpha_t schedule: ``masking.name=random``
+runs the same job as plain MAE with random masking and no RL side (same data, model, steps and
+batch size); ``masking.name=heuristic`` nominates each crop's patches of highest gradient energy
+(:class:`~neuroray.masking.HeuristicMasker`, no RL side); ``masking.invert=true`` runs the whole
+dbMiM job but the trainer nominates by 1 - p, the patches the policy ranks lowest.
 
 **Where each piece lives.** This module is the orchestration only: :mod:`neuroray.agents.config`
 (the job and its ``rl`` settings), :mod:`neuroray.agents.runner` (the RL loop actor),
@@ -86,11 +89,8 @@ def run_dbmim(job: DbMiMJob, task_class: type[TrainTask] = DbMiMTask) -> Any:
     checkpoint) is added to ``result.metrics`` under ``rl/``.
     """
     if not job.uses_policy:
-        log.info(
-            "masking is %r: running the matched-compute control (plain MAE, no RL side)",
-            job.masking.name,
-        )
-        return pretrain(job, MAETask)
+        log.info("masking is %r: running the control without the RL side", job.masking.name)
+        return pretrain(job, task_class if job.uses_content else MAETask)
 
     import ray
 

@@ -14,6 +14,11 @@ rewarded under; in the emergent game the choices are the mask. Rank 0 publishes 
 every ``rl.publish_mim_every`` steps (and at every lock-step turn) for the MIM oracle. Until the
 first policy arrives it masks K patches at random.
 
+Controls at the same K and alpha schedule (no change on the RL side): ``masking.invert=true``
+nominates by 1 - p (the inverted policy; the RL side still runs and learns as usual), and
+``masking.name=heuristic`` nominates each crop's round(alpha_t * K) patches of highest gradient
+energy (no RL side at all; :func:`neuroray.agents.dbmim.run_dbmim` runs this task alone).
+
 Logged per step (``train/*``): ``mask_ratio``, ``policy_version``, ``policy_mask_prob`` (mean
 probability of choosing a patch: nominating it, in the fixed-count game), ``policy_prob_sd``
 (within-crop sd of that probability: does the policy tell patches apart?), ``policy_entropy``,
@@ -38,8 +43,14 @@ import torch
 from torch import nn
 
 from neuroray.errors import NeurorayError
-from neuroray.masking import AlphaSchedule, CountRule, PolicyMasker
-from neuroray.models.policy import FeatureSource, patch_observations
+from neuroray.masking import (
+    AlphaSchedule,
+    CountRule,
+    HeuristicMasker,
+    PolicyMasker,
+    masked_count,
+)
+from neuroray.models.policy import FeatureSource, patch_observations, patch_stats
 from neuroray.preview import grid, to_grey
 from neuroray.trainers.loop import unwrap
 from neuroray.trainers.pretrain import MAEJob, MAETask, mae_preview
@@ -202,13 +213,13 @@ class DbMiMTask(MAETask):
         masker = self.masker
         if not isinstance(masker, PolicyMasker):
             raise DbMiMError(
-                f"dbMiM's trainer needs masking.name=policy, got {masker.name!r}; other maskers "
-                "run as plain MAE controls (run_dbmim does that without the RL side)"
+                f"dbMiM's trainer needs masking.name=policy or heuristic, got {masker.name!r}; "
+                "other maskers run as plain MAE controls (run_dbmim does that)"
             )
         return masker
 
     def alpha(self, step: int) -> float:
-        """Share of the K masked patches drawn from the policy's nominations at ``step``."""
+        """Share of the K masked patches drawn from the nominations at ``step``."""
         return self.rl.env.alpha.at(step, self.job.run.steps)
 
     def mask_probabilities(self, model: nn.Module, image: torch.Tensor) -> np.ndarray | None:
@@ -222,34 +233,61 @@ class DbMiMTask(MAETask):
         return probs.reshape(len(image), *self.token_grid(raw))
 
     def use_policy(self, probs: np.ndarray | None, step: int) -> None:
-        """Mask the next batch by the env's rule from these probabilities (None: at random)."""
+        """Mask the next batch by the env's rule from these probabilities (None: at random);
+        with ``masking.invert`` nominate by 1 - p (the inverted control)."""
+        masker = self.policy_masker
         if probs is None:
-            self.policy_masker.set_source(None)
+            masker.set_source(None)
             return
-        self.policy_masker.set_source(
-            lambda grid, rng: probs, count=self.rl.env.count, alpha=self.alpha(step)
-        )
+        source = 1.0 - probs if masker.invert else probs
+        masker.set_source(lambda grid, rng: source, count=self.rl.env.count, alpha=self.alpha(step))
+
+    def heuristic_nominations(self, model: nn.Module, image: torch.Tensor, step: int) -> np.ndarray:
+        """The heuristic control's nominations, bool [B, Nz, Ny, Nx]: in each crop the
+        round(alpha K) patches with the highest gradient energy (the lowest with ``invert``)."""
+        raw, masker = unwrap(model), self.policy_masker
+        grid = self.token_grid(raw)
+        energy = patch_stats(image.float(), raw.encoder.patch_size)[..., 2].cpu().numpy()
+        order = np.argsort(energy if masker.invert else -energy, axis=1, kind="stable")
+        k = masked_count(masker.ratio, energy.shape[1])
+        nominations = np.zeros(energy.shape, dtype=bool)
+        np.put_along_axis(nominations, order[:, : round(self.alpha(step) * k)], True, axis=1)
+        return nominations.reshape(len(image), *grid)
+
+    def set_masks_for(self, model: nn.Module, image: torch.Tensor, step: int) -> np.ndarray | None:
+        """Point the masker at this batch: the policy's probabilities (returned; None before the
+        first policy) or, for the heuristic control, the crops' gradient energy."""
+        masker = self.policy_masker
+        if isinstance(masker, HeuristicMasker):
+            nominations = self.heuristic_nominations(model, image, step)
+            masker.set_source(lambda grid, rng: nominations, alpha=self.alpha(step))
+            return None
+        probs = self.mask_probabilities(model, image)
+        self.use_policy(probs, step)
+        return probs
 
     def loss(
         self, model: nn.Module, batch: dict[str, Any], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         tick = time.perf_counter()
         self.poll_policy(step)
-        probs = self.mask_probabilities(model, batch["image"])
-        self.use_policy(probs, step)
+        probs = self.set_masks_for(model, batch["image"], step)
         coupling_ms = 1000 * (time.perf_counter() - tick)
         loss, scalars = super().loss(model, batch, step)
+        masker = self.policy_masker
+        stats = masker.last_stats
+        scalars["mask_from_nominations"] = stats.get("from_nominations", 0.0)
+        scalars["alpha"] = stats["alpha"] if masker.has_source else self.alpha(step)
+        if isinstance(masker, HeuristicMasker):
+            return loss, scalars
         scalars["policy_ms"] = coupling_ms  # polling + the policy's forward on this batch
         scalars["policy_version"] = float(self.policy_version)
         # every step logs these (the loop averages over all steps of a window): before the first
         # policy, the random masker's per-patch probability (its ratio) and its entropy
-        marginal = probs if probs is not None else np.array([self.policy_masker.ratio])
+        marginal = probs if probs is not None else np.array([masker.ratio])
         scalars["policy_mask_prob"] = float(marginal.mean())
         scalars["policy_entropy"] = binary_entropy(marginal)
         scalars["policy_prob_sd"] = within_crop_sd(probs) if probs is not None else 0.0
-        stats = self.policy_masker.last_stats
-        scalars["mask_from_nominations"] = stats.get("from_nominations", 0.0)
-        scalars["alpha"] = stats["alpha"] if probs is not None else self.alpha(step)
         if self.policy is not None and self.policy_mim_step >= 0:
             scalars["policy_lag_steps"] = float(step - self.policy_mim_step)
         return loss, scalars
@@ -266,8 +304,7 @@ class DbMiMTask(MAETask):
 
     def previews(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, np.ndarray]:
         image = batch["image"][:1]
-        probs = self.mask_probabilities(model, image)
-        self.use_policy(probs, step)
+        probs = self.set_masks_for(model, image, step)
         mask = self.masks(model, 1, step)
         previews = {"pretrain/input_mask_reconstruction": mae_preview(model, image, mask)}
         if probs is not None:

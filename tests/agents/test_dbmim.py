@@ -16,9 +16,9 @@ from neuroray.agents.env import ArrayCrops
 from neuroray.agents.policy_io import load_policy
 from neuroray.config import load_config, validate
 from neuroray.errors import ConfigError
-from neuroray.masking import PolicyMasker, RandomMasker
+from neuroray.masking import HeuristicMasker, PolicyMasker, RandomMasker
 from neuroray.models.checkpoint import load_model_checkpoint
-from neuroray.models.policy import PolicyConfig, build_policy_net
+from neuroray.models.policy import PolicyConfig, build_policy_net, patch_stats
 from neuroray.platform.volume import open_volume
 from neuroray.trainers.loop import WorkerInfo, read_starts
 from neuroray.trainers.weights import (
@@ -104,6 +104,16 @@ def test_example_config_loads_and_the_random_override_is_the_control():
         DbMiMJob, REPO / "configs" / "pretrain_dbmim.yaml", ["rl.env.reward.kind=emergent"]
     )
     assert emergent.rl.env.count == "emergent"
+    # the other controls by name, at the same K and alpha schedule
+    heuristic = load_config(
+        DbMiMJob, REPO / "configs" / "pretrain_dbmim.yaml", ["masking.name=heuristic"]
+    )
+    assert heuristic.masking == HeuristicMasker(ratio=job.masking.ratio)
+    assert not heuristic.uses_policy and heuristic.uses_content  # no RL side, reads the crops
+    inverted = load_config(
+        DbMiMJob, REPO / "configs" / "pretrain_dbmim.yaml", ["masking.invert=true"]
+    )
+    assert inverted.uses_policy and inverted.masking.invert
 
 
 def test_the_cli_lists_dbmim():
@@ -166,6 +176,12 @@ def test_trainer_samples_masks_from_the_published_policy_and_publishes_its_weigh
     mask = task.masks(model, 8, step)
     assert (mask.reshape(8, -1).sum(1) == 24).all()
     assert task.policy_masker.last_stats["from_nominations"] == pytest.approx(12 / 24)
+    # the inverted control nominates by 1 - p: ~90% of the patches under this policy
+    job.masking.invert = True
+    task.use_policy(task.mask_probabilities(model, batch["image"]), step)
+    task.masks(model, 8, step)
+    assert task.policy_masker.last_stats["nominated"] == pytest.approx(0.9, abs=0.06)
+    job.masking.invert = False
     previews = task.previews(model, batch, step)
     image = previews["pretrain/mask_probability"]
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
@@ -179,6 +195,28 @@ def test_trainer_samples_masks_from_the_published_policy_and_publishes_its_weigh
     for key, value in model.state_dict().items():
         np.testing.assert_array_equal(payload["state_dict"][key], value.numpy())
     ray_session.kill(store)
+
+
+def test_heuristic_control_masks_the_top_gradient_energy_patches_at_the_same_k(em_url):
+    torch.set_num_threads(1)
+    settings = tiny_job(em_url)
+    settings["masking"] = {"name": "heuristic"}
+    job = validate(DbMiMJob, settings)
+    worker = WorkerInfo(rank=0, world_size=1, device=torch.device("cpu"), extras={})
+    task = DbMiMTask(job, worker)
+    torch.manual_seed(0)
+    model = task.build_model()
+    volume = np.asarray(open_volume(em_url)[0:32, 0:128, 0:128])
+    image = torch.from_numpy(ArrayCrops(volume, CROP).sample(8, np.random.default_rng(1)))[:, None]
+    energy = patch_stats(image, PATCH)[..., 2].numpy()
+    top = np.argsort(-energy, axis=1)[:, :12]  # round(0.5 K) at the end of the alpha schedule
+    for step, chosen in ((0, 0), (job.run.steps // 2, 6), (job.run.steps, 12)):
+        _, scalars = task.loss(model, {"image": image}, step)
+        mask = task.masks(model, 8, step).reshape(8, -1)
+        assert (mask.sum(1) == 24).all() and scalars["mask_ratio"] == 0.75
+        assert scalars["mask_from_nominations"] == pytest.approx(chosen / 24)
+        assert "policy_version" not in scalars  # no policy, no RL side
+    assert np.take_along_axis(mask, top, axis=1).all()  # the 12 most textured patches, always
 
 
 # ---------------------------------------------------------------------- end to end
@@ -264,3 +302,16 @@ def test_dbmim_end_to_end_on_em_both_sides_learn_checkpoint_and_resume(
     )
     change = float((after - saved_policy).norm() / saved_policy.norm())
     assert change == pytest.approx(summary["rl/policy_change"], rel=1e-3)
+
+
+def test_heuristic_control_runs_by_name_without_the_rl_side(ray_session, em_url, tmp_path):
+    settings = tiny_job(em_url, str(tmp_path), steps=8)
+    settings["masking"] = {"name": "heuristic"}
+    settings["run"].update(name="dbmim_heuristic", checkpoint_every=8, report_every=4)
+    job = validate(DbMiMJob, settings)
+    result = run_dbmim(job)
+    assert load_model_checkpoint(result.checkpoint.path)["step"] == 8
+    assert not any(key.startswith("rl/") for key in result.metrics)  # no RL side ran
+    assert result.metrics["mask_ratio"] == 0.75
+    assert result.metrics["mask_from_nominations"] > 0  # alpha > 0 in the second window
+    assert not (Path(job.run.run_dir()) / "rl").exists()
