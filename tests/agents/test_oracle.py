@@ -1,18 +1,27 @@
-"""The MIM oracle (agents/oracle.py): what it answers for batches of crops and masks, and the
-checks on what it is handed."""
+"""The MIM oracle (agents/oracle.py): the observations and scores it answers for batches of
+crops and masks, the checks on what it is handed, and the oracle as a Ray actor following the
+weights the trainer publishes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
-from neuroray.agents.oracle import MIMOracle, OracleError, as_images, team_losses
+from neuroray.agents.env import ArrayCrops, EnvSettings, MaskingEnv
+from neuroray.agents.oracle import (
+    MIMOracle,
+    OracleError,
+    OracleSettings,
+    as_images,
+    start_oracle,
+    team_losses,
+)
 from neuroray.models.mae import MAEConfig, build_mae3d
-from neuroray.models.policy import ObsLayout
-from neuroray.models.vit3d import ViTConfig
-from neuroray.platform.volume import open_volume
-from neuroray.trainers.weights import state_dict_to_numpy
+from neuroray.models.policy import ObsLayout, token_positions
+from neuroray.models.vit3d import ViTConfig, patchify
+from neuroray.trainers.weights import start_weight_store, state_dict_to_numpy
 
 CROP, PATCH = (8, 64, 64), (4, 16, 16)
 GRID = (2, 4, 4)
@@ -32,11 +41,9 @@ def oracle() -> MIMOracle:
 
 
 @pytest.fixture(scope="module")
-def crops(em_raw) -> np.ndarray:
+def crops(em_region) -> np.ndarray:
     """Three FIB-SEM crops (synthetic EM without ../shared), float in [0, 1]."""
-    volume = open_volume(em_raw.raw)
-    region = np.asarray(volume[0:8, 0:128, 0:128], np.float32) / 255  # inside every stand-in
-    return np.stack([region[:, y : y + 64, x : x + 64] for y, x in ((0, 0), (0, 64), (64, 32))])
+    return ArrayCrops(em_region, CROP).sample(3, np.random.default_rng(1))
 
 
 def every_other(batch: int, offset: int = 0) -> np.ndarray:
@@ -61,6 +68,32 @@ def test_crops_become_one_channel_float_images_or_are_refused():
         as_images(np.zeros((2, *CROP), np.uint8))
     with pytest.raises(OracleError, match=r"\[B, Z, Y, X\]"):
         as_images(np.zeros((2, 2, *CROP), np.float32))
+
+
+def test_observations_follow_the_documented_layout(oracle, em_region):
+    crops = ArrayCrops(em_region, CROP).sample(3, np.random.default_rng(0))
+    obs = oracle.observe(crops)
+    layout = ObsLayout(WIDTH)
+    assert obs.shape == (3, N, layout.size)
+
+    features = obs[..., layout.feature]
+    model = build_mae3d(tiny_mae())
+    model.load_state_dict(oracle.model.state_dict())
+    images = torch.from_numpy(crops)[:, None]
+    expected = model.encoder.patch_embed(images).detach().numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+    context = obs[..., layout.context]
+    np.testing.assert_allclose(context, features.mean(1, keepdims=True).repeat(N, 1), atol=1e-5)
+
+    position = obs[..., layout.position]
+    assert (position > 0).all() and (position < 1).all()
+    np.testing.assert_allclose(position[0], token_positions(GRID).numpy())
+    assert position[0, 1].tolist() == pytest.approx([0.25, 0.125, 0.375])  # token (0, 0, 1)
+
+    patches = patchify(images, PATCH).numpy()
+    stats = obs[..., layout.stats]
+    np.testing.assert_allclose(stats[..., 0], patches.mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(stats[..., 1], np.log(patches.std(-1) + 1e-3), rtol=1e-4)
 
 
 def test_the_oracle_describes_the_spaces_of_its_model(oracle):
@@ -123,3 +156,48 @@ def test_the_same_seed_gives_the_trainers_initial_weights():
         other.model.state_dict()["encoder.patch_embed.proj.weight"],
         trainer.state_dict()["encoder.patch_embed.proj.weight"],
     )
+
+
+def test_crops_and_masks_that_do_not_fit_the_model_are_refused(oracle):
+    with pytest.raises(OracleError, match="bool"):
+        oracle.score(np.zeros((1, *CROP), np.float32), np.zeros((1, N), np.int64))
+    with pytest.raises(OracleError, match="img_size"):
+        oracle.observe(np.zeros((1, 8, 32, 32), np.float32))
+
+
+# ---------------------------------------------------------------------- as a Ray actor
+def test_oracle_actor_matches_the_trainer_init_and_follows_published_weights(
+    ray_session, em_region
+):
+    store = start_weight_store()
+    actor = start_oracle(tiny_mae(), OracleSettings(), seed=0, store=store)
+    local = MIMOracle(tiny_mae(), seed=0)
+    crops = ArrayCrops(em_region, CROP).sample(2, np.random.default_rng(5))
+    # before any publication the oracle holds the trainer's initial weights (same seed)
+    np.testing.assert_allclose(ray_session.get(actor.observe.remote(crops)), local.observe(crops))
+
+    torch.manual_seed(1)
+    newer = build_mae3d(tiny_mae())
+    payload = {"state_dict": state_dict_to_numpy(newer.state_dict()), "step": 7}
+    ray_session.get(store.put.remote("mim", 7, payload))
+    obs = ray_session.get(actor.observe.remote(crops))
+    assert ray_session.get(actor.describe.remote())["version"] == 7
+    local.set_weights(newer.state_dict(), 7)
+    np.testing.assert_allclose(obs, local.observe(crops), rtol=1e-5, atol=1e-6)
+
+    masks = np.zeros((2, N), bool)
+    masks[:, ::2] = True
+    scored = ray_session.get(actor.score.remote(crops, masks))
+    assert scored["per_patch"].shape == (2, N) and scored["team"].shape == (2,)
+    assert int(scored["version"]) == 7
+
+    env = MaskingEnv(
+        {
+            "oracle": actor,
+            "crops": ArrayCrops(em_region, CROP),
+            "settings": EnvSettings(crops_per_episode=2),
+        }
+    )
+    check_multiagent_environments(env)
+    ray_session.kill(actor)
+    ray_session.kill(store)
