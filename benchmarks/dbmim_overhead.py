@@ -3,8 +3,11 @@
 Two pretraining runs of the same job (data, model, batch, steps):
 
 1. plain MAE with random masking (the trainer alone);
-2. dbMiM: the same trainer, masks sampled from the RL policy, MIM weights published every
-   ``--publish-every`` steps, with RLlib PPO + the oracle running alongside.
+2. dbMiM: the same trainer, masks placed by the RL policy (fixed count K per crop, the share
+   from the policy's nominations rising over the run), MIM weights published every
+   ``--publish-every`` steps, with RLlib PPO + the oracle running alongside in lock step
+   (``--steps-per-policy`` trainer steps per PPO iteration, the shipped default; ``none`` lets
+   each side run at its own pace).
 
 Each side gets its own CPU share: on one machine the trainer worker is pinned to core 0 in both
 runs and the RL actor and the oracle to core 1 (``rl.pin_cpus``); on a cluster they would sit on
@@ -108,6 +111,7 @@ def make_job(args: argparse.Namespace, storage: str, name: str, masking: dict) -
                 "env": {"crops_per_episode": args.crops_per_episode},
                 "ppo": {"train_batch_agent_steps": args.rl_batch, "minibatch_size": 512},
                 "publish_mim_every": args.publish_every,
+                "steps_per_policy": args.steps_per_policy,
                 "checkpoint_every": 1000,
                 "preview_every": 1000,
                 "pin_cpus": [RL_CORE] if pinned else None,
@@ -139,7 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--publish-every", type=int, default=10)
     parser.add_argument("--crops-per-episode", type=int, default=4)
-    parser.add_argument("--rl-batch", type=int, default=2048, help="agent steps per PPO iteration")
+    parser.add_argument("--rl-batch", type=int, default=1024, help="agent steps per PPO iteration")
+    parser.add_argument(
+        "--steps-per-policy",
+        type=lambda v: None if v.lower() == "none" else int(v),
+        default=10,
+        help="lock-step cadence: trainer steps per PPO iteration ('none': free-running)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating order")
     args = parser.parse_args(argv)
 
@@ -170,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\ndbMiM overhead: crop {crop}, ViT width {args.width} depth {args.depth}, batch "
         f"{args.batch}, {args.steps} steps, {args.repeats} run(s) each (medians); trainer on core "
-        f"{TRAINER_CORE}, RL side on core {RL_CORE}\n"
+        f"{TRAINER_CORE}, RL side on core {RL_CORE}; PPO iteration {args.rl_batch} decisions, "
+        f"lock-step cadence {args.steps_per_policy} trainer steps per iteration\n"
     )
     print("| run | trainer samples/s | vs MAE | wall s |")
     print("|---|---|---|---|")
@@ -189,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         ("PPO iterations", f"{m['rl/iterations']}"),
         ("agent decisions/s (sampling + learning)", f"{m.get('rl/mean_decisions_per_s', 0):.0f}"),
         ("crops scored/s", f"{m.get('rl/mean_crops_per_s', 0):.1f}"),
-        ("last emergent mask ratio", f"{m.get('rl/mask_ratio', float('nan')):.3f}"),
+        ("mask ratio (fixed K)", f"{m.get('rl/mask_ratio', float('nan')):.3f}"),
+        ("trainer: policy lag, trainer steps", f"{m.get('policy_lag_steps', float('nan')):.1f}"),
         ("last policy entropy (nats)", f"{m.get('rl/entropy', float('nan')):.3f}"),
         ("trainer: polling + policy forward, ms/step", f"{m.get('policy_ms', 0):.2f}"),
         ("trainer: publishing MIM weights, ms/step", f"{m.get('publish_ms', 0):.2f}"),

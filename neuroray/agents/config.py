@@ -14,11 +14,16 @@ from neuroray.trainers.pretrain import MAEJob
 
 
 class PPOSettings(StrictModel):
-    """PPO on the new API stack; batch sizes count agent steps (= patch decisions)."""
+    """PPO on the new API stack; batch sizes count agent steps (= patch decisions).
+
+    One iteration of 1,024 decisions takes about as long as ``rl.steps_per_policy`` = 10 trainer
+    steps on a CPU laptop (RL ~1,000 decisions/s, a trainer step 100-120 ms; benchmarks/
+    RESULTS.md), so in lock step neither side waits long for the other.
+    """
 
     lr: float = Field(3e-4, gt=0)
-    train_batch_agent_steps: int = Field(4096, ge=1)
-    minibatch_size: int = Field(1024, ge=1)
+    train_batch_agent_steps: int = Field(1024, ge=1)
+    minibatch_size: int = Field(256, ge=1)
     num_epochs: int = Field(4, ge=1)
     entropy_coeff: float = Field(0.01, ge=0)
     clip_param: float = Field(0.2, gt=0)
@@ -48,11 +53,13 @@ class RLSettings(StrictModel):
     """Fixed probe crops (own seed, never trained on) for the previews and diagnostics."""
     max_iterations: int | None = Field(None, ge=1)
     """Stop the RL loop after this many iterations (None: run until the MIM run ends)."""
-    steps_per_policy: int | None = Field(5, ge=1)
+    steps_per_policy: int | None = Field(10, ge=1)
     """Lock-step cadence P (the paper's alternating updates): trainer step s waits for policy
     iteration >= s // P, and RL iteration k + 1 waits for the MIM weights of step k * P
-    (published then), so the policy and the MIM model stay within about 2 P trainer steps of each
-    other (hardness is relative to the current model). Both sides log the gap: the trainer's
+    (published then), so the policy and the MIM model stay within 2 P trainer steps of each
+    other (hardness is relative to the current model). The two sides overlap, so a trainer step
+    costs max(P trainer steps, one RL iteration) / P: size ``rl.ppo.train_batch_agent_steps`` so
+    that one iteration takes about P trainer steps. Both sides log the gap: the trainer's
     ``train/policy_lag_steps`` (its step minus the MIM step its policy was trained against) and
     the RL side's ``rl/mim_lag_steps`` (the newest published MIM step minus the one its last
     iteration scored with). None: each side runs at its own pace (no bound on the gap)."""

@@ -22,7 +22,7 @@ K = round(``masking.ratio`` * N) patches on both sides; the agents nominate patc
 0.5 over ``run.steps``); each masked patch is rewarded by its loss (on a target with a noise
 floor, ``rl.oracle``) rank-centred within its crop, a reward that sums to zero and so pays only
 for *where*. ``rl.env.reward.kind=emergent`` plays the original emergent-ratio game instead (it
-collapses to "mask more"; kept to show it). **Lock-step cadence** ``rl.steps_per_policy`` (5 by
+collapses to "mask more"; kept to show it). **Lock-step cadence** ``rl.steps_per_policy`` (10 by
 default) keeps the policy within a few trainer steps of the MIM model it is rewarded by.
 
 Why an actor for the RL loop: the driver is blocked in ``fit`` and holds no CPU, while an actor
