@@ -6,6 +6,8 @@
 - :mod:`~neuroray.agents.config`: ``DbMiMJob``, the job and its ``rl`` settings;
 - :mod:`~neuroray.agents.ppo`: the RLlib PPO config over ``MaskingEnv``;
 - :mod:`~neuroray.agents.runner`: ``RLRunner``, the RL loop as a Ray actor;
+- :mod:`~neuroray.agents.diagnostics`: does the policy learn *where* (within-crop spread, rank
+  correlations with held-out loss, gradient energy and position);
 - :mod:`~neuroray.agents.policy_io`: RL checkpoints on disk and the ``policy.pt`` in them;
 - :mod:`~neuroray.agents.dbmim`: the driver, ``run_dbmim`` (``neuroray pretrain dbmim``).
 
