@@ -137,6 +137,8 @@ def chunk_servers(data: DataSettings, ray: RaySettings | None = None) -> Iterato
 def run_with_pool(task_class: type, job: Any) -> Any:
     """Connect to Ray, start the job's chunk servers, fit ``task_class`` on them, stop them."""
     from neuroray.trainers.loop import fit
+    from neuroray.trainers.run_dir import check_run_resume
 
+    check_run_resume(job, task_class.__name__)  # before Ray starts
     with chunk_servers(job.data, job.ray) as pool:
         return fit(task_class, job, extras={"pool": pool})

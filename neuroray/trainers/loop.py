@@ -37,6 +37,7 @@ from torch import nn
 from neuroray.errors import NeurorayError
 from neuroray.models.checkpoint import load_tensors, write_model_file
 from neuroray.paths import is_remote
+from neuroray.trainers.run_dir import record_run
 from neuroray.trainers.schedule import TrainingClock, frozen_until, warmup_cosine
 from neuroray.trainers.settings import RunSettings, TrainJob, absolute_storage
 
@@ -369,6 +370,7 @@ def fit(
     if run.cpus_per_worker is None:
         run = run.model_copy(update={"cpus_per_worker": free_cpus_per_worker(run.num_workers)})
     job = job.model_copy(update={"run": run})
+    record_run(job, task_class.__name__)  # a rerun resumes only the same training
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={

@@ -171,3 +171,19 @@ def test_a_time_budget_stops_at_a_checkpoint_and_a_rerun_resumes_its_clock(ray_s
     assert reported and min(m["step"] for m in reported) <= stopped + 2
     # from its first step on, the resumed run counted the first run's training time too
     assert all(m["trained_s"] >= budget for m in reported)
+
+
+def test_a_rerun_that_would_train_something_else_is_refused_before_any_work(ray_session, tmp_path):
+    """Same run.name, another learning rate: resuming would pass the old checkpoint off as the
+    new job's result, so fit refuses, naming the key; more steps (how long, not what) resume."""
+    from neuroray.errors import VolumeError
+
+    job = line_job(tmp_path, "same_name", steps=3, checkpoint_every=3)
+    fit(LineTask, job)
+    changed = job.model_copy(update={"optim": job.optim.model_copy(update={"lr": 0.01})})
+    with pytest.raises(VolumeError, match=r"optim.lr: 0.05 -> 0.01.*another run.name"):
+        fit(LineTask, changed)
+    assert read_starts(job.run) == [0]  # nothing started
+    longer = job.model_copy(update={"run": job.run.model_copy(update={"steps": 4})})
+    assert fit(LineTask, longer).metrics["step"] == 4
+    assert read_starts(job.run) == [0, 3]
