@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("NEURORAY_DATA", "../shared/data"))
     parser.add_argument("--out", default="runs/em_quality")
     parser.add_argument("--task", choices=sorted(TASKS), default="em")
-    parser.add_argument("--rows", nargs="+", default=["unet", "unetr"],
+    parser.add_argument("--rows", nargs="*", default=["unet", "unetr"],
                         help="unet unetr unetr-mae (the baseline row always comes first)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget-min", type=float, default=5.0, help="training minutes per row")
