@@ -153,7 +153,8 @@ def baseline_row(task: str, urls: dict[str, str]) -> dict[str, Any]:
         tests["cross"] = score(task, baseline.segment(read(urls["cross_image"], roi)),
                                read(urls["cross_labels"], roi), vs)  # fmt: skip
     return {"name": f"no-learning: {baseline.describe()}", "model": "none", "init": "none",
-            "params": baseline.params(), **tests}  # fmt: skip
+            "params": baseline.params(), **tests, "overrides": [],
+            "config": f"neuroray/segmentation/baseline.py ({fit.__name__} defaults)"}  # fmt: skip
 
 
 def score(task: str, segmentation: np.ndarray, labels: np.ndarray, vs) -> dict[str, float]:
@@ -277,6 +278,7 @@ def write_tables(records: list[dict], task: str, label_fraction: float, budget_s
                 "budget_s": None if rec["model"] == "none" else budget_s,
                 "label_fraction": label_fraction, "seeds": [], "metrics": {},
                 "config": rec.get("config"), "overrides": rec.get("overrides", []),
+                **({"params": rec["params"]} if "params" in rec else {}),
             })  # fmt: skip
             row["seeds"].append(rec["seed"])
             for key, value in rec[part].items():
