@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/finetune_throughput.py [--data ../shared/data] [--steps 40]
 
 Rows, all in one run on the same Ray: the shipped EM fine-tuning (``configs/finetune_em.yaml``,
-UNETR) and the same job with ``model.name=unet`` (32×96×96 crops), each once with
+UNETR) and the same job with ``model.name=unet`` (16×96×96 crops, batch 2, as em_quality), each once with
 ``run.cpus_per_worker=1`` (one torch thread, the old default) and once with the default (the CPUs
 Ray has free: the whole laptop). samples/s is Ray Train's own report averaged over the last half
 of the steps (the first half includes start-up). Prints a markdown table with the ratios.
@@ -21,7 +21,8 @@ ROWS = {
     "unet small": [
         "model.name=unet",
         "model.unet.size=small",
-        "data.sampler.crop_shape=[32,96,96]",
+        "data.sampler.crop_shape=[16,96,96]",
+        "run.batch_size=2",
     ],
 }
 CPUS = {"1 CPU (old default)": ["run.cpus_per_worker=1"], "all free CPUs (default)": []}
