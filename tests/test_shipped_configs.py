@@ -72,6 +72,16 @@ def test_demo_stages_load_the_shipped_configs_with_their_overrides(tmp_path):
     assert pre.rl.ppo.train_batch_agent_steps == 512 and pre.masking.name == "policy"
     assert em.task == "em" and em.targets.grow_boundary == 1 and em.optim.layer_decay is None
     assert lm.task == "lm" and lm.data.augment == [] and lm.model.inflate == "center"
+    # held-out data: the fine-tunes train, validate (choose thresholds) and are scored on
+    # disjoint parts; the scored part is neither trained on nor validated on
+    for job, (train, valid, test) in (
+        (em, (demo.EM_TRAIN_ROI, demo.EM_VALID_ROI, demo.EM_TEST_ROI)),
+        (lm, (demo.LM_TRAIN_ROI, demo.LM_VALID_ROI, demo.LM_TEST_ROI)),
+    ):
+        assert list(job.data.sampler.roi) == train and list(job.validation.roi) == valid
+        assert train[3] <= valid[0] < valid[3] <= test[0]  # z slabs in this order, disjoint
+    # LM: the foreground cut is chosen on validation from a range that reaches high cuts
+    assert max(lm.validation.binary_thresholds) >= 0.95
     # what each stage ran is recorded for demo_summary.json
     assert run.jobs["lm"]["config"] == "configs/finetune_lm.yaml"
     assert 'data.image="' + str(tmp_path / "image") + '"' in run.jobs["lm"]["overrides"]
