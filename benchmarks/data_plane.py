@@ -9,6 +9,14 @@ straight from the layer, no cache; (c) numpy slices an in-memory array and copie
 ceiling). Each server's peak RSS is printed beside its cache budget; the fixed overhead is the
 private memory (USS) of an idle ChunkServer process (Python, numpy, CloudVolume, Ray worker);
 USS excludes the shared object store pages a server maps, which RSS would count.
+
+**LM row** (``--lm``, sparse foreground, rejection on): the shipped ``configs/finetune_lm.yaml``
+data settings (its servers, cache, crop shape and ``min_foreground``) on DIADEM OP_1–OP_4, the
+training path (``CropDataset``) drawing ``--lm-crops`` accepted crops, once rejecting after the
+crop is served (``foreground_from=labels``: every rejected crop still moves its blocks) and once
+choosing boxes from the labels manifest before any block moves (``foreground_from=manifest``, the
+shipped setting): accepted crops/s, crops served per accepted crop, and the bytes Ray spilled
+from the object store to disk during each.
 """
 
 from __future__ import annotations
@@ -88,6 +96,74 @@ def idle_server_rss(url: str) -> int:
     return rss
 
 
+def spilled_bytes() -> int:
+    """Bytes this Ray cluster has spilled from the object store to disk so far."""
+    import re
+
+    from ray._private.internal_api import memory_summary
+
+    found = re.search(r"Spilled ([0-9.]+) MiB", memory_summary(stats_only=True))
+    return round(float(found.group(1)) * 2**20) if found else 0
+
+
+def bench_lm(data: str, crops: int, tmp: str) -> dict[str, dict[str, float]]:
+    """Accepted LM crops/s and spilled bytes, rejection after serving vs from the manifest."""
+    from neuroray import configs
+    from neuroray.config import override
+    from neuroray.platform.ingest import read_manifest
+    from neuroray.platform.lm_data import op_pairs, prepare_lm_stacks
+    from neuroray.platform.sampler import CropDataset, build_sampler
+    from neuroray.trainers.data import start_pool
+    from neuroray.trainers.finetune import FinetuneJob
+
+    layers = prepare_lm_stacks(op_pairs(data, [1, 2, 3, 4]), f"{tmp}/lm")
+    rows = {}
+    for source in ("labels", "manifest"):
+        job = configs.load(FinetuneJob, "finetune_lm", [
+            override("data.image", layers.image), override("data.labels", layers.labels),
+            override("data.sampler.foreground_from", source), "data.sampler.roi=null",
+        ])  # fmt: skip
+        settings = job.data
+        pool = start_pool(settings)
+        try:
+            manifest = read_manifest(layers.labels) if source == "manifest" else None
+            sampler = build_sampler(pool, settings.sampler, manifest)
+            served = 0
+            accepts = sampler.accepts
+
+            def counting(labels, accepts=accepts):
+                nonlocal served
+                served += 1
+                return accepts(labels)
+
+            sampler.accepts = counting  # type: ignore[method-assign]
+            dataset = CropDataset(
+                pool, sampler, samples_per_epoch=crops,
+                crops_per_request=settings.crops_per_request, prefetch=settings.prefetch,
+            )  # fmt: skip
+            spilled = spilled_bytes()
+            t0 = time.perf_counter()
+            accepted = sum(1 for _ in dataset)
+            seconds = time.perf_counter() - t0
+            rows[f"foreground_from={source}"] = {
+                "crops_per_s": rate(accepted, seconds),
+                "served_per_accepted": served / max(accepted, 1),
+                "spilled_bytes": spilled_bytes() - spilled,
+            }
+        finally:
+            pool.shutdown()
+    return rows
+
+
+def print_lm(rows: dict[str, dict[str, float]], crops: int) -> None:
+    print(f"\nLM (configs/finetune_lm.yaml data settings, DIADEM OP_1-4), {crops} accepted crops")
+    print("| rejection | accepted crops/s | crops served per accepted | MiB spilled |")
+    print("|---|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['crops_per_s']:.1f} | {r['served_per_accepted']:.1f} | "
+              f"{r['spilled_bytes'] / 2**20:.0f} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,6 +171,8 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("NEURORAY_DATA", "../shared/data"))
     parser.add_argument("--crops", type=int, default=1500)
     parser.add_argument("--cache-mb", type=float, default=64)
+    parser.add_argument("--lm", action="store_true", help="add the sparse LM row (DIADEM OP_1-4)")
+    parser.add_argument("--lm-crops", type=int, default=400)
     args = parser.parse_args()
 
     from neuroray.platform.ingest import ingest
@@ -118,6 +196,7 @@ def main() -> None:
                 key = f"ServerPool, {n} server{'s' * (n > 1)}, mode={mode}"
                 rows[key], memory[key] = bench_pool(url, boxes, n, args.cache_mb, mode)
         overhead = idle_server_rss(url)
+        lm = bench_lm(args.data, args.lm_crops, tmp) if args.lm else {}
 
     ceiling, direct = rows["numpy slice + copy (ceiling)"], rows["CloudVolume per crop (no cache)"]
     print(
@@ -145,6 +224,8 @@ def main() -> None:
                 f"{s['heap_cached_bytes'] / 2**20:.0f} | {s['shared_cached_bytes'] / 2**20:.0f} | "
                 f"{'yes' if peak <= overhead + budget else 'NO'} |"
             )
+    if lm:
+        print_lm(lm, args.lm_crops)
 
 
 if __name__ == "__main__":

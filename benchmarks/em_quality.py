@@ -36,20 +36,18 @@ on every row alike; each record keeps the 1-minute load average before and after
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from quality_tables import RowLog, print_table, write_table
 
 from neuroray.errors import NeurorayError
 from neuroray.platform.provenance import check_resume, local_dir, write_fingerprint
 from neuroray.platform.storage import remove_tree
 
-RESULTS = Path(__file__).parent / "results"
 UNETR_ENCODER = [  # one small ViT for every UNETR row, CPU-sized (the shipped config's is larger)
     "model.encoder.width=128",
     "model.encoder.depth=4",
@@ -269,43 +267,10 @@ def write_tables(records: list[dict], task: str, label_fraction: float, budget_s
     tables = {spec["table"] + ("_low_label" if label_fraction < 1 else ""): "test"}
     if "cross" in spec and label_fraction == 1:
         tables[spec["cross"]["table"]] = "cross"
-    RESULTS.mkdir(exist_ok=True)
+    keys = ["voi", "voi_split", "voi_merge", "arand"] if task == "em" else ["dice", "iou"]
     for table, part in tables.items():
-        rows: dict[str, dict] = {}
-        for rec in records:
-            row = rows.setdefault(rec["row"], {
-                "name": rec["name"], "model": rec["model"], "init": rec["init"],
-                "budget_s": None if rec["model"] == "none" else budget_s,
-                "label_fraction": label_fraction, "seeds": [], "metrics": {},
-                "config": rec.get("config"), "overrides": rec.get("overrides", []),
-                **({"params": rec["params"]} if "params" in rec else {}),
-            })  # fmt: skip
-            row["seeds"].append(rec["seed"])
-            for key, value in rec[part].items():
-                row["metrics"].setdefault(key, []).append(value)
-        out = []
-        for row in rows.values():
-            flat = {**{k: v for k, v in row.items() if k != "metrics"}, **row["metrics"]}
-            flat["mean"] = {k: round(statistics.fmean(v), 4) for k, v in row["metrics"].items()}
-            flat["sd"] = {
-                k: round(statistics.stdev(v), 4) if len(v) > 1 else 0.0
-                for k, v in row["metrics"].items()
-            }
-            out.append(flat)
-        (RESULTS / f"{table}.json").write_text(json.dumps(out, indent=2) + "\n")
-        print_table(table, out)
-
-
-def print_table(table: str, rows: list[dict]) -> None:
-    keys = ["voi", "voi_split", "voi_merge", "arand"] if "dice" not in rows[0] else ["dice", "iou"]
-    print(f"\n### {table}\n\n| row | seeds | " + " | ".join(keys) + " |")
-    print("|---|---|" + "---:|" * len(keys))
-    for row in rows:
-        cells = [
-            f"{row['mean'][k]:.3f} ± {row['sd'][k]:.3f} ({', '.join(f'{v:.3f}' for v in row[k])})"
-            for k in keys
-        ]
-        print(f"| {row['name']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        rows = write_table(table, part, records, label_fraction=label_fraction, budget_s=budget_s)
+        print_table(table, rows, keys)
 
 
 def main() -> None:
@@ -349,35 +314,26 @@ def main() -> None:
     spec = TASKS[args.task]
     train_roi = list(spec["train"])
     train_roi[3] = spec["train"][0] + round((spec["train"][3] - spec["train"][0]) * args.low_label)
-    log = out / "rows.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["row"], r["seed"]) for r in records}
-
-    def record(row: str, seed: int, result: dict) -> None:
-        result.update(row=row, seed=seed, load_before=load_before, load_after=os.getloadavg()[0])
-        records.append(result)
-        with log.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        write_tables(records, args.task, args.low_label, budget_s)
-
-    if ("no-learning", 0) not in done:
-        load_before = os.getloadavg()[0]
-        record("no-learning", 0, baseline_row(args.task, urls))
+    log = RowLog(
+        out / "rows.jsonl",
+        lambda records: write_tables(records, args.task, args.low_label, budget_s),
+    )
+    log.run("no-learning", 0, lambda: baseline_row(args.task, urls))
     inits = {"unet": "scratch", "unetr": "scratch"}
     inits.update(dict(item.partition("=")[::2] for item in args.pretrained))
+
+    def produce(row: str, seed: int) -> dict:
+        init = inits.get(row, "")
+        if row == "unetr-mae":
+            checkpoint, _ = pretrain_mae(urls, out, args.pretrain_min, seed)
+            init = f"checkpoint:{checkpoint}"
+        elif row not in ("unet", "unetr"):
+            init = f"checkpoint:{init}"
+        return learned_row(args.task, row, init, urls, out, seed, budget_s, train_roi)
+
     for seed in args.seeds:
         for row in [*args.rows, *(item.partition("=")[0] for item in args.pretrained)]:
-            if (row, seed) in done:
-                continue
-            load_before = os.getloadavg()[0]
-            init = inits.get(row, "")
-            if row == "unetr-mae":
-                checkpoint, _ = pretrain_mae(urls, out, args.pretrain_min, seed)
-                init = f"checkpoint:{checkpoint}"
-            elif row not in ("unet", "unetr"):
-                init = f"checkpoint:{init}"
-            record(row, seed, learned_row(args.task, row, init, urls, out, seed, budget_s,
-                                          train_roi))  # fmt: skip
+            log.run(row, seed, lambda row=row, seed=seed: produce(row, seed))
 
 
 if __name__ == "__main__":
