@@ -1,4 +1,10 @@
-"""zarr v2 / v3 arrays, local or any fsspec URL, with their voxel size from the attributes."""
+"""zarr v2 / v3 arrays, local or any fsspec URL, with their voxel size from the attributes.
+
+neuroray writes OME-Zarr images (:mod:`neuroray.platform.ngff`: a group with ``multiscales``
+metadata and the array at ``0``), so other viewers see the voxel size; it reads those, any
+OME-Zarr image with z, y, x axes, and plain arrays with a ``voxel_size``-style attribute (the
+layers older neuroray versions wrote).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import numpy as np
 
 from neuroray.errors import VolumeError
 from neuroray.platform.box import Box
+from neuroray.platform.ngff import FULL_RESOLUTION_PATH, multiscales_attributes, read_multiscales
 from neuroray.platform.remote import (
     check_remote_access,
     remote_error,
@@ -33,7 +40,13 @@ class ZarrVolume(Volume):
 
     format_name = "zarr"
 
-    def __init__(self, url: str, array: Any, writable: bool) -> None:
+    def __init__(
+        self,
+        url: str,
+        array: Any,
+        writable: bool,
+        voxel_size: Sequence[float] | None = None,
+    ) -> None:
         self._array = array
         attrs = dict(array.attrs)
         shape, channels = require_3d_or_4d(tuple(array.shape), url)
@@ -42,7 +55,7 @@ class ZarrVolume(Volume):
             url,
             shape=shape,
             dtype=array.dtype,
-            voxel_size=voxel_size_from_attrs(attrs) or (1.0, 1.0, 1.0),
+            voxel_size=voxel_size or voxel_size_from_attrs(attrs) or (1.0, 1.0, 1.0),
             chunk_shape=chunks,
             num_channels=channels,
             layer_type=attrs.get("layer_type"),
@@ -64,6 +77,7 @@ class ZarrVolume(Volume):
         return not is_remote_url(url) and (
             os.path.isfile(os.path.join(path, "zarr.json"))
             or os.path.isfile(os.path.join(path, ".zarray"))
+            or os.path.isfile(os.path.join(path, ".zgroup"))
         )
 
     @classmethod
@@ -75,14 +89,23 @@ class ZarrVolume(Volume):
             raise VolumeError(f"no zarr array at {url}: {path} does not exist")
         check_remote_access(url, "zarr")
         try:
-            array = zarr.open_array(
+            node = zarr.open(
                 store=path, mode="r" if mode == "r" else "r+", **_storage_options(options)
             )
         except Exception as err:
             if is_remote_url(path):
                 raise remote_error(url, err, "zarr") from None
             raise VolumeError(f"cannot open zarr array at {url}: {err}") from None
-        return cls(url, array, writable=mode != "r")
+        if isinstance(node, zarr.Array):
+            return cls(url, node, writable=mode != "r")
+        array_path, voxel_size = read_multiscales(dict(node.attrs), url)  # an OME-Zarr image
+        try:
+            array = node[array_path]
+        except KeyError:
+            raise VolumeError(
+                f"{url}: its OME-Zarr metadata names the array {array_path!r}, which is missing"
+            ) from None
+        return cls(url, array, writable=mode != "r", voxel_size=voxel_size)
 
     @classmethod
     def create(
@@ -109,29 +132,34 @@ class ZarrVolume(Volume):
         if not overwrite and not is_remote_url(path) and os.path.exists(path):
             raise VolumeError(f"{url} already exists; pass overwrite=True to replace it")
         check_remote_access(url, "zarr", create=True)
-        attributes = {
-            "voxel_size": [float(v) for v in voxel_size],
-            "axis_order": "czyx" if num_channels > 1 else "zyx",
-            "layer_type": layer_type,
-        }
+        name = os.path.basename(path.rstrip("/")).removesuffix(".zarr")
+        axis_names = ["c", "z", "y", "x"] if num_channels > 1 else ["z", "y", "x"]
         try:
-            array = zarr.create_array(
+            group = zarr.create_group(
                 store=path,
+                zarr_format=zarr_format,
+                attributes=multiscales_attributes(
+                    voxel_size, num_channels=num_channels, zarr_format=zarr_format, name=name
+                ),
+                overwrite=overwrite,
+                **_storage_options(options),
+            )
+            array = group.create_array(
+                FULL_RESOLUTION_PATH,
                 shape=full_shape,
                 chunks=chunks,
                 dtype=dtype,
                 compressors=ZstdCodec(level=3) if zarr_format == 3 else "auto",
                 fill_value=0,
-                zarr_format=zarr_format,
-                attributes=attributes,
+                attributes={"layer_type": layer_type},
+                dimension_names=axis_names if zarr_format == 3 else None,
                 overwrite=overwrite,
-                **_storage_options(options),
             )
         except Exception as err:
             if is_remote_url(path):
                 raise remote_error(url, err, "zarr") from None
             raise
-        return cls(url, array, writable=True)
+        return cls(url, array, writable=True, voxel_size=voxel_size)
 
     def _index(self, box: Box) -> tuple[slice, ...]:
         return box.slices if self.num_channels == 1 else (slice(None), *box.slices)
