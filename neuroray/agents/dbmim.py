@@ -95,6 +95,7 @@ def run_dbmim(job: DbMiMJob, task_class: type[TrainTask] = DbMiMTask) -> Any:
     import ray
 
     from neuroray.agents.oracle import start_oracle
+    from neuroray.trainers.curves import write_curves
     from neuroray.trainers.data import chunk_servers
     from neuroray.trainers.loop import fit
     from neuroray.trainers.weights import start_weight_store
@@ -122,6 +123,7 @@ def run_dbmim(job: DbMiMJob, task_class: type[TrainTask] = DbMiMTask) -> Any:
                     f"{err}; rerun with the same run.name to resume both sides"
                 ) from err
             result.metrics.update({f"rl/{k}": v for k, v in summary.items()})
+            write_curves(job)  # again, with the RL side's last iterations (reward, entropy)
             return result
         finally:
             for actor in actors:

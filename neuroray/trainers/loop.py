@@ -37,6 +37,7 @@ from torch import nn
 from neuroray.errors import NeurorayError
 from neuroray.models.checkpoint import load_tensors, write_model_file
 from neuroray.paths import is_remote
+from neuroray.trainers.progress import DriverProgress, silence_report_logs
 from neuroray.trainers.run_dir import record_run
 from neuroray.trainers.schedule import TrainingClock, frozen_until, warmup_cosine
 from neuroray.trainers.settings import RunSettings, TrainJob, absolute_storage
@@ -340,6 +341,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     job = config["job_class"].model_validate_json(config["job"])
+    if not job.run.ray_report_logs:
+        silence_report_logs()  # the driver prints progress lines instead
     worker = WorkerInfo(
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
@@ -356,14 +359,15 @@ def fit(
     *,
     extras: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
+    progress: bool = True,
 ) -> Any:
     """Run ``task_class`` on a TorchTrainer; returns Ray's ``Result`` (``.checkpoint``, metrics).
 
-    ``extras`` are driver-side objects the workers need (a ServerPool, actor handles).
+    ``extras`` are driver-side objects the workers need (a ServerPool, actor handles). With
+    ``progress`` the driver prints a line per report (``run.progress``, see
+    :mod:`neuroray.trainers.progress`) and draws ``loss.png`` beside the checkpoints; a Tune
+    trial passes False (Tune reports its trials itself).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     run = job.run
     if run.checkpoint_every > run.steps:
         run = run.model_copy(update={"checkpoint_every": run.steps})
@@ -371,6 +375,20 @@ def fit(
         run = run.model_copy(update={"cpus_per_worker": free_cpus_per_worker(run.num_workers)})
     job = job.model_copy(update={"run": run})
     record_run(job, task_class.__name__)  # a rerun resumes only the same training
+    if not progress:
+        return _fit_trainer(task_class, job, extras, list(callbacks or []))
+    with DriverProgress(job) as shown:
+        extra = [shown.callback] if shown.callback is not None else []
+        return _fit_trainer(task_class, job, extras, [*(callbacks or []), *extra])
+
+
+def _fit_trainer(
+    task_class: type[TrainTask], job: TrainJob, extras: dict[str, Any] | None, callbacks: list[Any]
+) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run = job.run
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={
@@ -392,7 +410,7 @@ def fit(
             storage_path=absolute_storage(run.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=run.max_failures),
-            callbacks=callbacks,
+            callbacks=callbacks or None,
         ),
     )
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

@@ -21,7 +21,8 @@ OPERATIONAL_KEYS: dict[str, frozenset[str]] = {
     "run": frozenset({
         "name", "storage_path", "steps", "time_budget_s", "checkpoint_every", "report_every",
         "preview_every", "keep_checkpoints", "max_failures", "tensorboard_dir", "fail_at_step",
-        "fail_mode", "cpus_per_worker", "num_workers", "use_gpu", "amp",
+        "fail_mode", "cpus_per_worker", "num_workers", "use_gpu", "amp", "progress",
+        "ray_report_logs",
     }),  # fmt: skip
     "data": frozenset({
         "num_servers", "cache_mb", "server_cpus", "server_resources", "preload",

@@ -61,6 +61,13 @@ class RunSettings(StrictModel):
     tensorboard_dir: OutputPath | None = None
     """Default: <storage_path>/<name>/tensorboard for local storage, ./runs/<name>/tensorboard
     for remote storage."""
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    """How the driver shows progress: one line per report ("lines": step/total, loss,
+    samples/s, ETA), a tqdm "bar", "auto" (a bar when stderr is a terminal, else lines) or
+    "off". The TensorBoard command is printed either way."""
+    ray_report_logs: bool = False
+    """Keep Ray Train's raw per-report log lines (``Reporting training result N:
+    TrainingReport(...)``), silenced by default in favour of the progress lines."""
     fail_at_step: int | None = None
     """Fault injection for tests and drills: fail once at this step (first attempt only)."""
     fail_mode: Literal["raise", "exit"] = "raise"

@@ -305,6 +305,7 @@ def run_trial(
             job,
             extras={"pool": pool},
             callbacks=[_report_callback(sweep.metric)],
+            progress=False,  # Tune reports its trials
         )
 
 
