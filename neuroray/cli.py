@@ -87,6 +87,7 @@ def _finite(value):
 
 def cmd_data_ingest(args: argparse.Namespace) -> None:
     from neuroray.platform.ingest import ingest
+    from neuroray.view import view_command
 
     labels = True if args.labels else (False if args.image else None)
     result = ingest(
@@ -98,11 +99,13 @@ def cmd_data_ingest(args: argparse.Namespace) -> None:
         repair=args.repair,
     )
     print(result.summary())
+    print(f"view: {view_command(args.dst)}")
 
 
 def cmd_data_lm(args: argparse.Namespace) -> None:
     from neuroray.errors import ConfigError
     from neuroray.platform.lm_data import prepare_lm_stacks
+    from neuroray.view import view_command
 
     if len(args.stacks) % 2:
         raise ConfigError("give TIFF and SWC files in pairs: STACK.tif STACK.swc [...]")
@@ -116,6 +119,7 @@ def cmd_data_lm(args: argparse.Namespace) -> None:
         progress=True,
     )
     print(f"image: {layers.image}\nlabels: {layers.labels}")
+    print(f"view: {view_command(layers.image, layers.labels)}")
     for name, box in layers.stacks.items():
         print(f"{name}: roi {box.to_list()}")
 
@@ -204,15 +208,18 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> None:
     from neuroray.segmentation.blockwise import SegmentJob, segment
+    from neuroray.view import view_command
 
     result = segment(_load_job(SegmentJob, args))
     print(result.summary())
     for name, url in result.layers.items():
         print(f"{name}: precomputed://file://{Path(url).resolve()}")
+    print(f"view: {view_command(result.output)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from neuroray.segmentation.evaluate import evaluate_layers
+    from neuroray.view import view_command
 
     report = evaluate_layers(
         args.segmentation,
@@ -224,6 +231,33 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         border_threshold_nm=args.border_nm,
     )
     print(report.table())
+    shown = [args.image] if args.image else []
+    print(f"view: {view_command(*shown, args.labels, args.segmentation)}")
+
+
+# ---------------------------------------------------------------------- view
+def cmd_view(args: argparse.Namespace) -> None:
+    from neuroray.view import run_view
+
+    run_view(
+        args.layers,
+        bind=args.bind,
+        port=args.port,
+        screenshot_png=args.screenshot,
+        size=args.size,
+        layout=args.layout,
+        timeout_s=args.timeout,
+    )
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
+    if min(width, height) <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return width, height
 
 
 # ---------------------------------------------------------------------- demo
@@ -348,6 +382,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--border-nm", type=float, default=None, help="CREMI border mask: ignore GT boundaries"
     )
     evaluate.set_defaults(func=cmd_evaluate)
+
+    view = commands.add_parser(
+        "view",
+        help="show layers or a segment output folder in Neuroglancer (served offline on this "
+        "machine), or --screenshot one view to a PNG",
+    )
+    view.add_argument(
+        "layers",
+        nargs="+",
+        metavar="LAYER_OR_OUTPUT",
+        help="layer URLs (precomputed, zarr, f.h5#key, tif, npy) or `neuroray segment` outputs",
+    )
+    view.add_argument("--screenshot", metavar="PNG", default=None, help="render, save and exit")
+    view.add_argument("--size", type=_parse_size, default=(1280, 960), help="screenshot WxH")
+    view.add_argument(
+        "--layout", default="4panel", choices=["4panel", "xy", "xz", "yz", "3d", "xy-3d"]
+    )
+    view.add_argument("--bind", default="127.0.0.1", help="address to serve on")
+    view.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    view.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds a screenshot may take to render"
+    )
+    view.set_defaults(func=cmd_view)
 
     demo = commands.add_parser(
         "demo", help="the whole pipeline on synthetic data with an embedded Ray"
