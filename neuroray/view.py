@@ -10,11 +10,13 @@ at the centre of the first layer.
 
 A ``neuroray segment`` output folder stands for its layers: the image it was made from, the
 affinities or probabilities, and the segmentation. ``--screenshot`` renders the view in Debian's
-headless Chromium (through Selenium and neuroglancer's webdriver) and exits.
+headless Chromium (through Selenium and neuroglancer's webdriver), writes the PNG and the
+Neuroglancer state it shows (``.json`` beside it), and exits.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -420,7 +422,9 @@ def run_view(
             )
         if screenshot_png is not None:
             state = screenshot(view, screenshot_png, size=size, timeout_s=timeout_s)
-            out(f"screenshot: {screenshot_png} ({len(state.get('layers', []))} layers)")
+            state_json = Path(screenshot_png).with_suffix(".json")
+            state_json.write_text(json.dumps(state, indent=1))
+            out(f"screenshot: {screenshot_png} (its Neuroglancer state: {state_json})")
             return
         out(f"Neuroglancer: {view.url}")
         out("serving on this machine only; press Ctrl-C to stop")
