@@ -15,7 +15,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +78,17 @@ def _layer_dir(url: str) -> str:
 
 
 __all__ = ["put_atomic"]  # re-exported: markers elsewhere are written the same way
+
+
+def _checked_voxel_size(voxel_size: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in voxel_size)
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise VolumeError(f"voxel size must be 3 positive numbers z, y, x (nm), got {voxel_size}")
+    return values  # type: ignore[return-value]
+
+
+def _nm(voxel_size: Sequence[float]) -> str:
+    return " x ".join(f"{v:g}" for v in voxel_size)
 
 
 def format_of_output(url: str) -> OutputFormat:
@@ -230,6 +241,7 @@ def ingest(
     repair: bool = False,
     progress: bool = True,
     on_chunk: Callable[[Box], None] | None = None,
+    voxel_size: Sequence[float] | None = None,
 ) -> IngestResult:
     """Copy ``src`` into a chunked layer at ``dst`` (precomputed, or zarr v3 for ``*.zarr``).
 
@@ -238,9 +250,19 @@ def ingest(
     that were not finished; a rerun with another source or other settings is refused (see
     :mod:`neuroray.platform.provenance`) unless ``overwrite``, which empties ``dst`` first.
     ``repair`` rewrites the chunks of an existing layer that fail to decode.
-    ``on_chunk`` is called after each chunk is durably written.
+    ``on_chunk`` is called after each chunk is durably written. ``voxel_size`` (nm, z, y, x)
+    replaces the source's; a source that carries none is written as 1 x 1 x 1 nm with a warning.
     """
     source = src if isinstance(src, Volume) else open_volume(src)
+    if voxel_size is not None:
+        source.voxel_size = _checked_voxel_size(voxel_size)
+        source.voxel_size_defaulted = False
+    elif source.voxel_size_defaulted:
+        warnings.warn(
+            f"{source.url} carries no voxel size: writing {_nm(source.voxel_size)} nm "
+            "(z, y, x); pass --voxel-size Z,Y,X (nm) to record the real one",
+            stacklevel=2,
+        )
     check_destination(dst)  # scheme and credentials, before any marker is read
     if any(VOLUME_FORMATS.get(name).matches(dst) for name in ("hdf5", "tiff", "npy")):
         raise VolumeError(f"{dst}: ingest writes precomputed layers or .zarr arrays only")

@@ -133,7 +133,7 @@ def _open_stack(tif: str | os.PathLike[str], voxel_size: Sequence[float] | None)
     volume = open_volume(tif, voxel_size=voxel_size)
     if volume.num_channels != 1:
         raise VolumeError(f"{tif}: expected a single-channel stack, found {volume.num_channels}")
-    if voxel_size is None and volume.voxel_size == (1.0, 1.0, 1.0):
+    if volume.voxel_size_defaulted:
         raise VolumeError(
             f"{tif} carries no voxel size (no spacing in its description or resolution tags); "
             "pass voxel_size=(z, y, x) in nm so the SWC is rasterised with the real anisotropy"

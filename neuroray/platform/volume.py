@@ -65,6 +65,11 @@ def _default_layer_type(dtype: np.dtype) -> LayerType:
     return "segmentation" if dtype.kind in "ui" and dtype.itemsize >= 4 else "image"
 
 
+DEFAULT_VOXEL_SIZE = (1.0, 1.0, 1.0)
+"""What a volume whose source says nothing about its voxel size is given (``voxel_size_defaulted``
+is then True, so ingest can warn and evaluate can take the other layer's)."""
+
+
 class Volume(ABC):
     """A 3D (optionally multi-channel) array on disk or in a bucket, read and written in z, y, x."""
 
@@ -76,7 +81,7 @@ class Volume(ABC):
         *,
         shape: Sequence[int],
         dtype: Any,
-        voxel_size: Sequence[float],
+        voxel_size: Sequence[float] | None,
         chunk_shape: Sequence[int],
         num_channels: int = 1,
         layer_type: LayerType | None = None,
@@ -85,7 +90,9 @@ class Volume(ABC):
         self.url = url
         self.shape = tuple(int(s) for s in shape)
         self.dtype = checked_dtype(dtype, url)
-        self.voxel_size = tuple(float(v) for v in voxel_size)
+        #: True when the source carried no voxel size and 1 x 1 x 1 nm stands in for it
+        self.voxel_size_defaulted = voxel_size is None
+        self.voxel_size = tuple(float(v) for v in (voxel_size or DEFAULT_VOXEL_SIZE))
         self.chunk_shape = tuple(int(c) for c in chunk_shape)
         self.num_channels = int(num_channels)
         self.layer_type: LayerType = layer_type or _default_layer_type(self.dtype)
@@ -320,6 +327,7 @@ def open_volume(
     volume = VOLUME_FORMATS.get(format_of(url)).open(url, mode, **options)
     if voxel_size is not None:
         volume.voxel_size = tuple(float(v) for v in voxel_size)
+        volume.voxel_size_defaulted = False
     return volume
 
 

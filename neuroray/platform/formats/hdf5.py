@@ -47,7 +47,7 @@ class HDF5Volume(Volume):
                 url,
                 shape=shape,
                 dtype=dataset.dtype,
-                voxel_size=voxel_size or (1.0, 1.0, 1.0),
+                voxel_size=voxel_size,  # None: unknown
                 chunk_shape=chunks,
                 num_channels=channels,
                 layer_type=dataset.attrs.get("layer_type"),

@@ -25,7 +25,9 @@ class NpyVolume(Volume):
 
     format_name = "npy"
 
-    def __init__(self, url: str, data: np.ndarray, voxel_size: Sequence[float], writable: bool):
+    def __init__(
+        self, url: str, data: np.ndarray, voxel_size: Sequence[float] | None, writable: bool
+    ):
         self._data = data
         shape, channels = require_3d_or_4d(tuple(data.shape), url)
         super().__init__(
@@ -51,7 +53,7 @@ class NpyVolume(Volume):
             data = np.load(path, mmap_mode="r" if mode == "r" else "r+")
         except ValueError as err:
             raise VolumeError(f"{path} is not a readable .npy file: {err}") from None
-        return cls(url, data, options.get("voxel_size") or (1.0, 1.0, 1.0), mode != "r")
+        return cls(url, data, options.get("voxel_size"), mode != "r")  # None: unknown
 
     @classmethod
     def create(

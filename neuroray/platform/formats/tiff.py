@@ -26,7 +26,9 @@ class TiffVolume(Volume):
 
     format_name = "tiff"
 
-    def __init__(self, url: str, data: np.ndarray, voxel_size: tuple[float, float, float]) -> None:
+    def __init__(
+        self, url: str, data: np.ndarray, voxel_size: tuple[float, float, float] | None
+    ) -> None:
         self._data = data
         shape, channels = require_3d_or_4d(tuple(data.shape), url)
         super().__init__(
@@ -84,8 +86,9 @@ def _quiet_tifffile():
         logger.setLevel(level)
 
 
-def _tiff_voxel_size(tif: Any) -> tuple[float, float, float]:
-    """Voxel size from tifffile's JSON description, ImageJ metadata or resolution tags (nm)."""
+def _tiff_voxel_size(tif: Any) -> tuple[float, float, float] | None:
+    """Voxel size from tifffile's JSON description, ImageJ metadata or resolution tags (nm);
+    None when the file says nothing."""
     page = tif.pages[0]
     description = page.tags.get("ImageDescription")
     if description is not None:
@@ -97,14 +100,14 @@ def _tiff_voxel_size(tif: Any) -> tuple[float, float, float]:
                 return tuple(float(v) for v in meta["voxel_size_nm_zyx"])  # type: ignore[return-value]
         except (ValueError, TypeError):
             pass
-    z = y = x = 1.0
     ij = tif.imagej_metadata or {}
     unit_nm = {"micron": 1000.0, "um": 1000.0, "\\u00B5m": 1000.0, "nm": 1.0}.get(
         str(ij.get("unit", "")), None
     )
     xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
-    if unit_nm and xres and yres:
-        x = unit_nm * xres.value[1] / xres.value[0]
-        y = unit_nm * yres.value[1] / yres.value[0]
-        z = unit_nm * float(ij.get("spacing", 1.0))
+    if not (unit_nm and xres and yres):
+        return None
+    x = unit_nm * xres.value[1] / xres.value[0]
+    y = unit_nm * yres.value[1] / yres.value[0]
+    z = unit_nm * float(ij.get("spacing", 1.0))
     return (z, y, x)

@@ -55,7 +55,7 @@ class ZarrVolume(Volume):
             url,
             shape=shape,
             dtype=array.dtype,
-            voxel_size=voxel_size or voxel_size_from_attrs(attrs) or (1.0, 1.0, 1.0),
+            voxel_size=voxel_size or voxel_size_from_attrs(attrs),  # None: unknown
             chunk_shape=chunks,
             num_channels=channels,
             layer_type=attrs.get("layer_type"),
