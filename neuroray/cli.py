@@ -86,10 +86,12 @@ def _finite(value):
 
 
 def cmd_data_ingest(args: argparse.Namespace) -> None:
-    from neuroray.platform.ingest import ingest
+    from neuroray.platform.ingest import format_of_output, ingest
     from neuroray.view import view_command
 
     labels = True if args.labels else (False if args.image else None)
+    if args.multiscale and format_of_output(args.dst) != "precomputed":
+        raise NeurorayError("--multiscale adds levels to precomputed layers; drop it for zarr")
     result = ingest(
         args.src,
         args.dst,
@@ -99,6 +101,10 @@ def cmd_data_ingest(args: argparse.Namespace) -> None:
         repair=args.repair,
     )
     print(result.summary())
+    if args.multiscale:
+        from neuroray.platform.multiscale import add_levels
+
+        print(f"{args.dst}: {add_levels(args.dst)} downsampled levels added")
     print(f"view: {view_command(args.dst)}")
 
 
@@ -210,6 +216,11 @@ def cmd_segment(args: argparse.Namespace) -> None:
     from neuroray.segmentation.blockwise import SegmentJob, segment
     from neuroray.view import view_command
 
+    args.args = [
+        *args.args,
+        *(["mesh=true"] if args.mesh else []),
+        *(["multiscale=true"] if args.multiscale else []),
+    ]
     result = segment(_load_job(SegmentJob, args))
     print(result.summary())
     for name, url in result.layers.items():
@@ -299,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--repair", action="store_true", help="rewrite the chunks of the layer that fail to decode"
     )
+    ingest.add_argument(
+        "--multiscale",
+        action="store_true",
+        help="add downsampled levels (precomputed; images averaged, labels by mode)",
+    )
     ingest.set_defaults(func=cmd_data_ingest)
 
     lm = data_commands.add_parser(
@@ -362,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
         "segment", help="blockwise prediction + agglomeration of a whole volume on Ray"
     )
     _add_job_arguments(seg, config_required=False)
+    seg.add_argument(
+        "--mesh", action="store_true", help="mesh the objects for 3D views (same as mesh=true)"
+    )
+    seg.add_argument(
+        "--multiscale",
+        action="store_true",
+        help="add downsampled levels to the outputs (same as multiscale=true)",
+    )
     seg.set_defaults(func=cmd_segment)
 
     evaluate = commands.add_parser(

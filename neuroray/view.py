@@ -36,6 +36,8 @@ from neuroray.platform.volume import Volume, open_volume
 
 #: Volumes up to this size are read into memory, so Neuroglancer can mesh their objects in 3D.
 IN_MEMORY_BYTES = 256 * 2**20
+#: Objects shown in 3D at most (the biggest ones).
+MAX_OBJECTS_IN_3D = 100
 SEGMENT_OUTPUT_LAYERS = ("affinities", "probabilities", "segmentation")
 CHROMIUM_HELP = (
     "install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
@@ -253,8 +255,9 @@ def _contrast(volume: Volume) -> tuple[float, float] | None:
     return (float(low), float(high)) if high > low else None
 
 
-def _source(layer: ViewLayer, file_servers: list[Any], bind: str) -> Any:
-    """Neuroglancer's data source for one layer (see the module docstring)."""
+def _source(layer: ViewLayer, file_servers: list[Any], bind: str) -> tuple[Any, np.ndarray | None]:
+    """Neuroglancer's data source for one layer (see the module docstring), and the layer's
+    voxels when they were read into memory."""
     import neuroglancer
 
     volume = layer.volume
@@ -270,20 +273,47 @@ def _source(layer: ViewLayer, file_servers: list[Any], bind: str) -> Any:
             server = _file_server_class()(str(path.resolve()), bind_address=bind, daemon=True)
             file_servers.append(server)
             url = f"precomputed://{server.url}"
-        return neuroglancer.LayerDataSource(
+        source = neuroglancer.LayerDataSource(
             url=url,
             transform=neuroglancer.CoordinateSpaceTransform(
                 output_dimensions=_dimensions(volume.voxel_size, "xyz", volume.num_channels)
             ),
         )
-    data: Any = _VolumeArray(volume)
+        return source, None
+    in_memory = None
     if volume.nbytes <= IN_MEMORY_BYTES:  # in memory: fast, and LocalVolume meshes objects
-        data = np.asarray(volume[:])
-    return neuroglancer.LocalVolume(
-        data=data,
+        in_memory = np.asarray(volume[:])
+    source = neuroglancer.LocalVolume(
+        data=_VolumeArray(volume) if in_memory is None else in_memory,
         dimensions=_dimensions(volume.voxel_size, "zyx", volume.num_channels),
         volume_type="segmentation" if layer.is_segmentation else "image",
     )
+    return source, in_memory
+
+
+def _objects_to_show(
+    layer: ViewLayer, data: np.ndarray | None, most: int = MAX_OBJECTS_IN_3D
+) -> list[int]:
+    """Objects to show in 3D: those with precomputed meshes (``segment --mesh``), or the
+    largest of an in-memory layer ``data`` (Neuroglancer meshes those itself); at most ``most``."""
+    if data is not None:
+        ids, counts = np.unique(data, return_counts=True)
+        keep = ids != 0
+        ids, counts = ids[keep], counts[keep]
+        return [int(i) for i in ids[np.argsort(counts)[::-1][:most]]]
+    path = local_file(layer.url)
+    if layer.volume.format_name != "precomputed" or path is None:
+        return []
+    info = json.loads((path / "info").read_text())
+    mesh_dir = path / str(info.get("mesh", ""))
+    if "mesh" not in info or not mesh_dir.is_dir():
+        return []
+    fragments: dict[int, int] = {}
+    for entry in os.scandir(mesh_dir):  # ID:0:BOUNDS(.gz) per piece, ID:0 the manifest
+        head, _, rest = entry.name.partition(":")
+        if head.isdigit() and rest.startswith("0:"):
+            fragments[int(head)] = fragments.get(int(head), 0) + 1
+    return sorted(fragments, key=lambda i: -fragments[i])[:most]
 
 
 def serve(
@@ -307,9 +337,14 @@ def serve(
         state.projection_scale = 1.5 * max(first.shape[1:])
         state.layout = layout
         for layer in layers:
-            source = _source(layer, file_servers, bind)
+            source, in_memory = _source(layer, file_servers, bind)
             if layer.is_segmentation:
-                state.layers[layer.name] = neuroglancer.SegmentationLayer(source=source)
+                segmentation = neuroglancer.SegmentationLayer(source=source)
+                objects = _objects_to_show(layer, in_memory)
+                if objects:  # shown in 3D; every object stays visible in the slices
+                    segmentation.segments = objects
+                    segmentation.not_selected_alpha = segmentation.selected_alpha
+                state.layers[layer.name] = segmentation
                 continue
             image = neuroglancer.ImageLayer(source=source)
             shader = _shader(layer)

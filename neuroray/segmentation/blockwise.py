@@ -80,6 +80,13 @@ class SegmentJob(StrictModel):
     task: TaskName | None = None
     """em | mito | lm; read from the checkpoint when not given."""
     cpus_per_task: float = Field(1.0, gt=0)
+    multiscale: bool = False
+    """Add downsampled levels to the output layers (Igneous: images averaged, segmentation by
+    each block's mode), so Neuroglancer (``neuroray view``) shows large outputs fast."""
+    mesh: bool = False
+    """Mesh the segmentation's objects (Igneous + zmesh) so ``neuroray view`` shows them in 3D."""
+    mesh_min_voxels: PositiveInt = 100
+    """Objects with fewer voxels in the whole output get no mesh."""
     overwrite: bool = False
     fail_on_blocks: list[int] = []
     """Fault injection for drills and tests: these blocks' workers die once, in the first stage
@@ -413,7 +420,28 @@ def segment(config: SegmentJob, progress: bool = True) -> SegmentResult:
             )
         )
     layers["segmentation"] = seg_url
+    stages += _views(config, [url for url in layers.values() if Path(url).parent == out], seg_url)
     return SegmentResult(str(out), layers, stages, bounds.size, config.threshold)
+
+
+def _views(config: SegmentJob, outputs: list[str], seg_url: str) -> list[StageReport]:
+    """``multiscale`` and ``mesh``: Igneous's downsampling and meshing of the layers this run
+    wrote, as Ray tasks (see :mod:`neuroray.platform.multiscale`)."""
+    from neuroray.platform.multiscale import add_levels, add_meshes
+
+    stages = []
+    if config.multiscale:
+        t0 = time.perf_counter()
+        for url in outputs:
+            add_levels(url)
+        stages.append(StageReport("multiscale", len(outputs), 0, time.perf_counter() - t0))
+    if config.mesh:
+        t0 = time.perf_counter()
+        count = add_meshes(
+            seg_url, block_shape_zyx=config.block_shape, dust_threshold=config.mesh_min_voxels
+        )
+        stages.append(StageReport("mesh", count, 0, time.perf_counter() - t0))
+    return stages
 
 
 def _bounds(config: SegmentJob, volume_bounds: Box) -> Box:
