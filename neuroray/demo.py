@@ -369,6 +369,9 @@ def stage_segment(run: DemoRun) -> str:
         progress=False,
     )
     run.urls.update({f"em_{name}": url for name, url in result.layers.items()})
+    from neuroray.view import view_command
+
+    run.say(f"look at it: {view_command(result.output)}")
     seconds = sum(s.seconds for s in result.stages)
     return (
         f"{result.voxels / 1e6:.1f} Mvoxels in {len(result.stages)} stages "
