@@ -24,6 +24,31 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 
 
+class NeurorayParser(argparse.ArgumentParser):
+    """An argparse parser whose job commands list their config keys in ``--help``.
+
+    ``keys_from`` (set by :func:`_add_job_arguments`) returns the job's pydantic model; it is
+    called only when help is shown, so building the parser imports no job module.
+    """
+
+    keys_from: Callable[[], type] | None = None
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.keys_from is None:
+            return text
+        from neuroray.config_docs import keys_table
+
+        return (
+            f"{text}\nconfig keys (KEY=VALUE overrides; type = default before the YAML; "
+            f"--print-config shows the resolved job):\n{keys_table(self.keys_from())}\n"
+        )
+
+
+class ConfigPrinted(Exception):
+    """``--print-config`` printed the resolved job: stop before any work (exit 0)."""
+
+
 def _parse_chunks(text: str) -> tuple[int, int, int]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -33,6 +58,22 @@ def _parse_chunks(text: str) -> tuple[int, int, int]:
         values = values * 3
     if len(values) != 3 or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"chunks must be 3 positive integers z,y,x, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _parse_voxel_size(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"voxel size must be z,y,x numbers (nm), got {text!r}"
+        ) from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(
+            f"voxel size must be 3 positive numbers z,y,x (nm), got {text!r}"
+        )
     return values  # type: ignore[return-value]
 
 
@@ -99,6 +140,7 @@ def cmd_data_ingest(args: argparse.Namespace) -> None:
         labels=labels,
         overwrite=args.overwrite,
         repair=args.repair,
+        voxel_size=args.voxel_size,
     )
     print(result.summary())
     if args.multiscale:
@@ -138,7 +180,13 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- training jobs
-def _add_job_arguments(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+def _add_job_arguments(
+    parser: argparse.ArgumentParser,
+    config_required: bool = True,
+    job: Callable[[], type] | None = None,
+) -> None:
+    """The YAML + overrides arguments of a job command; ``job`` returns its pydantic model (for
+    the keys listed in --help and by ``neuroray config show``)."""
     what = "CONFIG.yaml" if config_required else "[CONFIG.yaml]"
     parser.add_argument(
         "args",
@@ -147,7 +195,77 @@ def _add_job_arguments(parser: argparse.ArgumentParser, config_required: bool = 
         help="a job YAML (see configs/) and dotted overrides, e.g. run.steps=200",
     )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved job (YAML + overrides + defaults) as YAML and exit",
+    )
     parser.set_defaults(config_required=config_required)
+    if isinstance(parser, NeurorayParser):
+        parser.keys_from = job
+
+
+def _job_class(module: str) -> Callable[[], type]:
+    """A loader of ``module.JOB_CLASS`` (imported only when asked)."""
+
+    def load() -> type:
+        import importlib
+
+        return importlib.import_module(module).JOB_CLASS
+
+    return load
+
+
+def _segment_job() -> type:
+    from neuroray.segmentation.blockwise import SegmentJob
+
+    return SegmentJob
+
+
+def job_commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, NeurorayParser]:
+    """Every job command under ``parser`` by its words (``"pretrain mae"``, ``"segment"``)."""
+    found = {}
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for name, sub in action.choices.items():
+                words = f"{prefix}{name}"
+                if getattr(sub, "keys_from", None) is not None:
+                    found[words] = sub
+                found.update(job_commands(sub, f"{words} "))
+    return found
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    from neuroray.config_docs import keys_table
+    from neuroray.errors import ConfigError
+    from neuroray.registry import closest
+
+    commands = job_commands(args.root)
+    name = " ".join(args.job)
+    if name not in commands:
+        hint = closest(name, list(commands))
+        raise ConfigError(
+            f"no job command {name!r}"
+            + (f"; did you mean {hint!r}?" if hint else "")
+            + f" (jobs: {', '.join(commands)})"
+        )
+    model = commands[name].keys_from()
+    print(f"neuroray {name}: {model.__name__} (KEY=VALUE overrides; type = default)")
+    print(keys_table(model, full=True))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from neuroray import __version__
+
+    parts = []
+    for package in ("ray", "torch"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            pass
+    return f"neuroray {__version__}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _load_job(model: type, args: argparse.Namespace):
@@ -162,6 +280,11 @@ def _load_job(model: type, args: argparse.Namespace):
     if args.address:
         overrides.append(f"ray.address={args.address}")
     job = load_config(model, paths[0] if paths else None, overrides)
+    if getattr(args, "print_config", False):
+        import yaml
+
+        print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), end="")
+        raise ConfigPrinted
     check_inputs(job)  # before Ray starts: a missing layer should not cost a cluster start-up
     return job
 
@@ -240,10 +363,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         image=args.image,
         out=args.out,
         border_threshold_nm=args.border_nm,
+        swc=args.swc,
     )
     print(report.table())
     shown = [args.image] if args.image else []
-    print(f"view: {view_command(*shown, args.labels, args.segmentation)}")
+    labels = [] if args.labels.lower().endswith(".swc") else [args.labels]
+    print(f"view: {view_command(*shown, *labels, args.segmentation)}")
 
 
 # ---------------------------------------------------------------------- view
@@ -280,10 +405,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = NeurorayParser(
         prog="neuroray",
         description="Pretrain and fine-tune neuron segmentation models for 3D microscopy, on Ray.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = commands.add_parser("data", help="inspect, ingest and synthesise volumes")
@@ -304,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     kind = ingest.add_mutually_exclusive_group()
     kind.add_argument("--labels", action="store_true", help="write a segmentation layer")
     kind.add_argument("--image", action="store_true", help="write an image layer")
+    ingest.add_argument(
+        "--voxel-size",
+        type=_parse_voxel_size,
+        default=None,
+        metavar="Z,Y,X",
+        help="voxel size in nm (default: what the source records; 1,1,1 with a warning if none)",
+    )
     ingest.add_argument(
         "--overwrite", action="store_true", help="replace an existing layer instead of resuming"
     )
@@ -344,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     registered = pretrain_methods()
     for name in registered:
         method = methods.add_parser(name, help=registered.get(name).help)
-        _add_job_arguments(method)
+        _add_job_arguments(method, job=lambda name=name: registered.get(name).job_class)
         method.set_defaults(func=cmd_pretrain)
 
     finetune = commands.add_parser("finetune", help="fine-tune a UNETR for segmentation")
@@ -353,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in TASKS:
         task = tasks.add_parser(name, help=TASKS.get(name).help)
-        _add_job_arguments(task)
+        _add_job_arguments(task, job=_job_class("neuroray.trainers.finetune"))
         task.set_defaults(
             func=cmd_job, job_module="neuroray.trainers.finetune", fixed_overrides=[f"task={name}"]
         )
@@ -365,19 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain a small 2D ViT on scikit-image's bundled photographs (offline stand-in "
         "for natural-image weights; use as finetune model.init=file:...)",
     )
-    _add_job_arguments(pretrain_2d, config_required=False)
+    _add_job_arguments(
+        pretrain_2d, config_required=False, job=_job_class("neuroray.models.pretrain2d")
+    )
     pretrain_2d.set_defaults(func=cmd_pretrain_2d)
 
     tune = commands.add_parser(
         "tune", help="Ray Tune sweep of a fine-tuning job (ASHA, resumable, writes the best job)"
     )
-    _add_job_arguments(tune)
+    _add_job_arguments(tune, job=_job_class("neuroray.tuning.sweeps"))
     tune.set_defaults(func=cmd_tune)
 
     seg = commands.add_parser(
         "segment", help="blockwise prediction + agglomeration of a whole volume on Ray"
     )
-    _add_job_arguments(seg, config_required=False)
+    _add_job_arguments(seg, config_required=False, job=_segment_job)
     seg.add_argument(
         "--mesh", action="store_true", help="mesh the objects for 3D views (same as mesh=true)"
     )
@@ -392,7 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="VOI / ARAND (EM) or Dice / IoU (binary) of a segmentation vs labels"
     )
     evaluate.add_argument("segmentation", help="segmentation layer URL")
-    evaluate.add_argument("labels", help="ground-truth layer URL")
+    evaluate.add_argument(
+        "labels", help="ground-truth layer URL (or, with --task lm, a gold .swc of the box)"
+    )
     evaluate.add_argument(
         "--task",
         choices=[*TASKS, "binary"],
@@ -404,6 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="folder for metrics.json and preview.png")
     evaluate.add_argument(
         "--border-nm", type=float, default=None, help="CREMI border mask: ignore GT boundaries"
+    )
+    evaluate.add_argument(
+        "--swc",
+        default=None,
+        help="--task lm: gold SWC (voxel coordinates of the evaluated box) for ESA / DSA / PDS "
+        "and node precision / recall / F1",
     )
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -442,6 +585,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
+    config = commands.add_parser("config", help="what a job command accepts")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_commands.add_parser(
+        "show", help="every config key of a job with its type, default and description"
+    )
+    show.add_argument(
+        "job", nargs="+", metavar="JOB", help="e.g. pretrain mae, finetune em, segment"
+    )
+    show.set_defaults(func=cmd_config_show, root=parser)
+
     for extend in EXTENSIONS:
         extend(commands)
     return parser
@@ -469,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _warn_in_one_line
     try:
         args.func(args)
+    except ConfigPrinted:
+        return 0
     except NeurorayError as err:
         print(f"neuroray: error: {err}", file=sys.stderr)
         return EXIT_USAGE
