@@ -18,7 +18,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "neuroray"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "foundation",
-        ("neuroray", "errors", "registry", "config", "configs", "paths", "runtime", "preview"),
+        (
+            "neuroray",
+            "errors",
+            "registry",
+            "config",
+            "configs",
+            "paths",
+            "runtime",
+            "simcluster",
+            "preview",
+        ),
     ),
     ("platform", ("platform",)),
     ("models", ("models", "masking")),
