@@ -146,7 +146,12 @@ def cmd_data_ingest(args: argparse.Namespace) -> None:
     if args.multiscale:
         from neuroray.platform.multiscale import add_levels
 
-        print(f"{args.dst}: {add_levels(args.dst)} downsampled levels added")
+        levels = add_levels(args.dst)
+        print(
+            f"{args.dst}: downsampled levels 1-{levels} added"
+            if levels
+            else f"{args.dst}: no downsampled level: it is under two chunks across"
+        )
     print(f"view: {view_command(args.dst)}")
 
 

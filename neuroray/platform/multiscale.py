@@ -66,8 +66,9 @@ def _execute(task: Any) -> None:
 
 
 def add_levels(url: str, levels: int | None = None) -> int:
-    """Add downsampled levels 1..``levels`` to the precomputed layer at ``url`` (images are
-    averaged, segmentations take each block's mode); returns the number of levels."""
+    """Add up to ``levels`` downsampled levels to the precomputed layer at ``url`` (images are
+    averaged, segmentations take each block's mode); returns how many it has now. Levels keep
+    the layer's chunk shape, so a layer smaller than two chunks in-plane gets none."""
     from igneous.task_creation import create_downsampling_tasks
 
     cloudpath = _cloudpath(url)
@@ -83,7 +84,13 @@ def add_levels(url: str, levels: int | None = None) -> int:
             delete_black_uploads=False,
         )
     run_tasks(tasks)
-    return levels
+    return _scale_count(cloudpath) - 1  # Igneous adds fewer when chunks allow no more
+
+
+def _scale_count(cloudpath: str) -> int:
+    from cloudfiles import CloudFiles
+
+    return len(CloudFiles(cloudpath).get_json("info")["scales"])
 
 
 def add_meshes(
