@@ -257,12 +257,6 @@ def ingest(
     if voxel_size is not None:
         source.voxel_size = _checked_voxel_size(voxel_size)
         source.voxel_size_defaulted = False
-    elif source.voxel_size_defaulted:
-        warnings.warn(
-            f"{source.url} carries no voxel size: writing {_nm(source.voxel_size)} nm "
-            "(z, y, x); pass --voxel-size Z,Y,X (nm) to record the real one",
-            stacklevel=2,
-        )
     check_destination(dst)  # scheme and credentials, before any marker is read
     if any(VOLUME_FORMATS.get(name).matches(dst) for name in ("hdf5", "tiff", "npy")):
         raise VolumeError(f"{dst}: ingest writes precomputed layers or .zarr arrays only")
@@ -293,6 +287,12 @@ def ingest(
             )
     if repair and not resuming and not overwrite:
         raise VolumeError(f"--repair needs an existing layer ingested from {source.url} at {dst}")
+    if source.voxel_size_defaulted:  # said once every check passed
+        warnings.warn(
+            f"{source.url} carries no voxel size: writing {_nm(source.voxel_size)} nm "
+            "(z, y, x); pass --voxel-size Z,Y,X (nm) to record the real one",
+            stacklevel=2,
+        )
     if resuming:
         destination = open_volume(dst, "r+")
     else:
