@@ -23,6 +23,7 @@ MERGE_RGB = (30, 110, 255)
 BOTH_RGB = (230, 0, 230)
 MISSED_RGB = (255, 140, 0)
 EXTRA_RGB = (30, 110, 255)
+MASK_RGB = (0, 200, 90)  # foreground of mask tasks, the same in ground truth and prediction
 
 
 def views(shape: Sequence[int]) -> list[tuple[str, tuple]]:
@@ -102,13 +103,15 @@ def write_figure(
         seg, truth = segmentation[index], gt[index]
         grey = to_grey(image[index]) if image is not None else None
         panels = [] if grey is None else [np.repeat(grey[..., None], 3, axis=-1)]
-        panels.append(_tint(grey, label_colours(truth), truth != 0))
         if analysis is not None:
+            panels.append(_tint(grey, label_colours(truth), truth != 0))
             predicted = _tint(grey, analysis.prediction_colours(seg), seg != 0)
             predicted[_borders(seg) & (seg != 0)] = 0
             errors = instance_errors(seg, truth, analysis)
         else:
-            predicted = _tint(grey, label_colours((seg != 0).astype(np.uint8)), seg != 0)
+            mask_rgb = np.broadcast_to(np.asarray(MASK_RGB, np.uint8), (*seg.shape, 3))
+            panels.append(_tint(grey, mask_rgb, truth != 0))
+            predicted = _tint(grey, mask_rgb, seg != 0)
             errors = mask_errors(seg, truth)
         panels.append(predicted)
         panels.append(_tint(grey, errors, errors.any(axis=-1), alpha=0.8))
