@@ -199,5 +199,8 @@ def test_pretrain_job_submitted_to_a_local_head_succeeds(em_volume, tmp_path):
         assert status == "SUCCEEDED", logs[-4000:]
 
     assert '"checkpoint":' in logs  # the CLI's report, printed by the job
+    # progress as lines (no terminal), with step/total and ETA; Train's raw report lines gone
+    assert "[submitted_mae] step 3/3 (100%)" in logs and "ETA" in logs, logs[-4000:]
+    assert "TrainingReport(" not in logs and "Reporting training result" not in logs
     checkpoint = load_model_checkpoint(runs / "submitted_mae")
     assert checkpoint["kind"] == "mae" and checkpoint["step"] == 3

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from neuroray.agents.dbmim import DbMiMJob, DbMiMTask, run_dbmim
 from neuroray.agents.env import ArrayCrops
@@ -283,6 +284,9 @@ def test_dbmim_end_to_end_on_em_both_sides_learn_checkpoint_and_resume(
     )
     assert lags and max(lags) <= 8
     assert max(_scalars(tensorboard / "rl", "rl/mim_lag_steps")) <= 8
+    # loss.png beside the checkpoints: loss, RL reward, policy entropy, mask ratio (420 px each)
+    curves = Image.open(Path(job.run.run_dir()) / "loss.png")
+    assert round(curves.width / 420) == 4
 
     first_rl = Path(metrics["rl/checkpoint"])
     assert (first_rl / "rl_state.json").exists() and (first_rl / "policy.pt").exists()

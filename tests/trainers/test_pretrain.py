@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -106,12 +107,21 @@ def test_killed_worker_process_resumes_to_the_same_weights_as_an_undisturbed_run
     assert result.metrics["step"] == 11
 
 
-def test_checkpoint_contract_and_tensorboard(ray_session, medulla_raw, tmp_path):
+def test_checkpoint_contract_and_tensorboard(ray_session, medulla_raw, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     job = _job(tmp_path, "contract", steps=3)
     job.data.image = medulla_raw
+    job.run.progress = "lines"
     result = pretrain(job)
+    # the driver's progress: the TensorBoard command, a line per report, the curves beside the
+    # checkpoints
+    out = capsys.readouterr().out
+    assert f"tensorboard --logdir {job.run.tensorboard_path()}" in out
+    assert re.search(r"\[contract\] step 3/3 \(100%\) \| loss [0-9.e-]+ \| [0-9.e+]+ samples/s \| "
+                     r"ETA 0s \| checkpoint", out), out  # fmt: skip
+    assert (tmp_path / "contract" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"training curves: {tmp_path / 'contract' / 'loss.png'}" in out
     checkpoint = load_model_checkpoint(result.checkpoint.path)
     assert checkpoint["kind"] == "mae" and checkpoint["encoder_prefix"] == "encoder."
     saved = MAEJob.model_validate_json(checkpoint["job"])
