@@ -253,13 +253,17 @@ class DriverProgress:
         import ray
 
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._drain()  # reports that came in after the last poll
-        if self._bar is not None:
-            self._bar.close()
-        if self.board is not None:
-            ray.kill(self.board)
+        try:  # nothing here may hide the run's own outcome
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+                time.sleep(0.2)  # the controller's last put may still be on its way
+                self._drain()
+            if self._bar is not None:
+                self._bar.close()
+            if self.board is not None:
+                ray.kill(self.board)
+        except Exception as err:
+            log.debug("progress: %s", err)
         path = self._draw_curves()
         if path is not None:
             self._say(f"neuroray: training curves: {path}")
