@@ -5,7 +5,8 @@ runs it on a ``TorchTrainer`` (Train V2 API). The loop owns what every job needs
 DDP, bf16 autocast on CUDA, AdamW with warmup + cosine decay, gradient clipping, checkpoints
 through ``ray.train.report`` every N steps, resume, and TensorBoard from rank 0. The job's
 ``run`` / ``optim`` sections are :mod:`neuroray.trainers.settings`; the learning-rate schedule
-and the time budget's clock are :mod:`neuroray.trainers.schedule`.
+and the time budget's clock are :mod:`neuroray.trainers.schedule`; what the driver prints while a
+run trains, and its ``loss.png``, are :mod:`neuroray.trainers.progress`.
 
 **Resume.** Rerunning with the same ``run.name`` and ``run.storage_path`` continues from the
 latest checkpoint (``ray.train.get_checkpoint()``); so does Train's automatic recovery after a
