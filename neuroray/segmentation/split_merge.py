@@ -29,6 +29,9 @@ from neuroray.segmentation.metrics import ContingencyTable, contingency_table
 
 def _best_per_group(groups: np.ndarray, others: np.ndarray, counts: np.ndarray):
     """For each group index: the partner with the largest count, that count, and the total."""
+    if not len(groups):
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, empty
     order = np.lexsort((-counts, groups))  # by group, largest count first
     groups, others, counts = groups[order], others[order], counts[order]
     first = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
