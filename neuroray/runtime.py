@@ -129,6 +129,9 @@ def connect(
         os.environ.setdefault(key, value)
     with _loopback_node():
         ray.init(
+            # "local": always a new Ray; without it, ray.init joins whatever `ray start` (or a
+            # multi-node test cluster) last ran on this host and then refuses num_cpus
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
