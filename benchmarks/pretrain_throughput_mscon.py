@@ -1,6 +1,7 @@
 """MS-Con pretraining throughput, for the side-by-side table of ``benchmarks/pretrain_throughput.py``.
 
-    .venv/bin/python benchmarks/pretrain_throughput_mscon.py --one tiny [--steps 6] [--batch 2]
+    .venv/bin/python benchmarks/pretrain_throughput_mscon.py --one tiny [--variant published]
+        [--steps 6] [--batch 2] [--crop 32 160 160]
     .venv/bin/python benchmarks/pretrain_throughput_mscon.py --end-to-end [--steps 40]
 
 :func:`mscon_samples_per_second` measures one configuration exactly as pretrain_throughput.py
@@ -8,10 +9,11 @@ measures MAE: random crops already in memory, one warm-up step, then timed steps
 backward + AdamW (bf16 autocast on CUDA), and returns a row with the same keys (``config``,
 ``device``, ``samples_per_s``, ``achieved_tflops``, ``peak_memory_mib``, ``mfu`` when a peak is
 given). Run it in its own subprocess (``--one NAME`` prints the row as JSON) so the peak RSS is
-its own. One MS-Con sample is one crop: two views through the network, as published. FLOPs are
-torch's own count of one step (FlopCounterMode: every matmul and convolution, forward and
-backward), since most of MS-Con's work is the convolutional decoder at full resolution. The row
-adds ``augment_ms_per_sample``: drawing the weak and strong views, which the training worker does
+its own. ``--variant`` picks the model (``fast``, the default, or ``published``; see
+neuroray/models/mscon.py). One MS-Con sample is one crop: two views through the network. FLOPs
+are torch's own count of one step (FlopCounterMode: every matmul and convolution, forward and
+backward), since much of MS-Con's work is convolutions (the published decoder's at full
+resolution). The row adds ``augment_ms_per_sample``: drawing the weak and strong views, which the training worker does
 in series with the step.
 
 :func:`mscon_end_to_end_samples_per_second` runs a whole Ray Train job instead (chunk servers on
@@ -72,8 +74,9 @@ def mscon_job(
     width: int = 192,
     depth: int = 6,
     heads: int = 3,
-    feature_size: int = 16,
-    pool_grid: tuple[int, int, int] = (16, 16, 16),
+    variant: str = "fast",
+    feature_size: int | None = None,
+    pool_grid: tuple[int, int, int] | None = None,
     token_dim: int | None = 256,
     steps: int = 40,
     batch_size: int = 4,
@@ -81,7 +84,9 @@ def mscon_job(
     name: str | None = None,
     run: dict[str, Any] | None = None,
 ) -> MSConJob:
-    """An MS-Con job sized like configs/pretrain_mscon.yaml (match MAE's encoder to compare).
+    """An MS-Con job sized like configs/pretrain_mscon.yaml (match MAE's encoder to compare);
+    ``variant`` and the fields after it as in :class:`~neuroray.models.mscon.MSConConfig` (None:
+    the variant's).
 
     The run gets a fresh name (time-stamped) unless ``name`` is given: a timing must not resume
     an earlier run.
@@ -100,8 +105,9 @@ def mscon_job(
                     "patch_size": list(patch_size),
                     "img_size": list(crop_shape),
                 },
+                "variant": variant,
                 "feature_size": feature_size,
-                "pool_grid": list(pool_grid),
+                "pool_grid": list(pool_grid) if pool_grid else None,
                 "token_dim": token_dim,
             },
             "run": timing_run(name, storage_path, steps, batch_size, **(run or {})),
@@ -128,9 +134,10 @@ def mscon_samples_per_second(
     encoder: dict[str, Any] | None = None,
     crop: tuple[int, int, int] = CROP,
     model: dict[str, Any] | None = None,
+    variant: str = "fast",
 ) -> dict[str, Any]:
-    """One MS-Con row: ``encoder`` is a ViTConfig spec (default ``{"size": name}``), ``model``
-    overrides other MSConConfig fields (default: the published decoder and 16^3 pyramid)."""
+    """One MS-Con row: ``encoder`` is a ViTConfig spec (default ``{"size": name}``), ``variant``
+    the MSConConfig variant, ``model`` overrides other MSConConfig fields."""
     import resource
 
     import numpy as np
@@ -141,7 +148,11 @@ def mscon_samples_per_second(
     from neuroray.platform.augment import MSConAugmentConfig
     from neuroray.trainers.mscon import draw_views
 
-    spec = {"encoder": {**(encoder or {"size": name}), "img_size": list(crop)}, **(model or {})}
+    spec = {
+        "encoder": {**(encoder or {"size": name}), "img_size": list(crop)},
+        "variant": variant,
+        **(model or {}),
+    }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = build_mscon(MSConConfig.model_validate(spec)).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -181,13 +192,15 @@ def mscon_samples_per_second(
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     row = {
-        "config": f"MS-Con {name}",
+        "config": f"MS-Con {name}" + ("" if variant == "fast" else f" {variant}"),
+        "crop": list(crop),
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
         else f"CPU ({torch.get_num_threads()} threads)",
         "samples_per_s": samples_per_s,
         "achieved_tflops": samples_per_s * flops / 1e12,
         "peak_memory_mib": peak / 2**20,
+        "gflop_per_sample": flops / 1e9,
         "augment_ms_per_sample": augment_ms,
     }
     if peak_tflops:
@@ -200,6 +213,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--one", default="tiny", help="encoder size of the model-step row")
+    parser.add_argument("--variant", default="fast", choices=["fast", "published"])
+    parser.add_argument("--crop", type=int, nargs=3, default=list(CROP), metavar=("Z", "Y", "X"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -213,7 +228,15 @@ def main() -> None:
         )
         print(f"MS-Con end to end: {rate:.2f} samples/s (crops per second; two views each)")
         return
-    print(json.dumps(mscon_samples_per_second(args.one, args.steps, args.batch, args.peak_tflops)))
+    row = mscon_samples_per_second(
+        args.one,
+        args.steps,
+        args.batch,
+        args.peak_tflops,
+        crop=tuple(args.crop),
+        variant=args.variant,
+    )
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

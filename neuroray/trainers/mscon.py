@@ -5,7 +5,10 @@ the image layer and a TorchTrainer (the shared loop of trainers/loop.py: checkpo
 TensorBoard). The pool serves **clean** crops (``data.augment`` stays empty); each worker draws
 the views itself with the job's ``augment`` section (:class:`MSConAugmentConfig`): ``shared``
 once per crop (the reconstruction target), then ``weak`` and ``strong`` from it. View randomness
-is seeded by (seed, rank, step), so a resumed run draws the views it would have drawn.
+is seeded by (seed, rank, step), so a resumed run draws the views it would have drawn (and, in
+the fast variant, the patches the encoder sees). ``model.variant`` picks the network: ``fast``
+(default; the encoder sees a quarter of the patches, a three-level decoder) or ``published``
+(the paper's, ~10x the work per sample; see neuroray/models/mscon.py).
 
 The checkpoint holds the encoder under ``unetr.encoder.`` (``encoder_prefix`` in model.pt), which
 ``neuroray.models.unetr.load_encoder(unetr, state_dict, prefix=...)`` reads for fine-tuning.
@@ -31,7 +34,7 @@ from neuroray.models.mscon import (
 from neuroray.platform.augment import MSConAugmentConfig, Sample
 from neuroray.preview import grid, to_grey
 from neuroray.trainers.data import DataSettings, check_crop_matches_model, crop_batches
-from neuroray.trainers.loop import TrainTask
+from neuroray.trainers.loop import TrainTask, unwrap
 from neuroray.trainers.pretrain import pretrain
 from neuroray.trainers.settings import TrainJob
 
@@ -91,6 +94,18 @@ class MSConTask(TrainTask):
             np.random.SeedSequence([self.job.run.seed, self.worker.rank, step, 3])
         )
 
+    def keep(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor | None:
+        """The patches the encoder sees this step (fast variant), seeded like the views."""
+        net: MSCon = unwrap(model)  # type: ignore[assignment]
+        views = batch["weak"]
+        seed = np.random.SeedSequence([self.job.run.seed, self.worker.rank, step, 4])
+        return net.draw_keep(
+            2 * len(views),
+            net.encoder.grid_of(views),
+            views.device,
+            torch.Generator().manual_seed(int(seed.generate_state(1)[0])),
+        )
+
     def batches(self, start_step: int) -> Iterator[dict[str, Any]]:
         run, pool = self.job.run, self.worker.extras["pool"]
         crops = crop_batches(
@@ -110,7 +125,9 @@ class MSConTask(TrainTask):
     def loss(
         self, model: nn.Module, batch: dict[str, Any], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        out = model(batch["weak"], batch["strong"], batch["clean"])
+        out = model(
+            batch["weak"], batch["strong"], batch["clean"], keep=self.keep(model, batch, step)
+        )
         scalars = {f"loss_{name}": float(value.detach()) for name, value in out.losses.items()}
         scalars["contrast_accuracy"] = out.accuracy
         return out.loss, scalars

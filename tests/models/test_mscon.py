@@ -1,8 +1,10 @@
 """MS-Con model and losses: pyramid tokens, a real InfoNCE (vs the published degenerate form),
-gradients of every term, bf16 autocast, views, configs and the encoder checkpoint contract."""
+gradients of every term, bf16 autocast, views, configs and the encoder checkpoint contract, for
+the fast default and the published variant."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from neuroray.config import validate
 from neuroray.errors import ConfigError
 from neuroray.models.mscon import (
     ENCODER_PREFIX,
+    VARIANTS,
     MSConConfig,
     MSConLossConfig,
     build_mscon,
@@ -27,6 +30,7 @@ from neuroray.platform.volume import open_volume
 from neuroray.trainers.mscon import MSConJob, draw_views
 
 CROP = (8, 32, 32)
+VARIANT_NAMES = ["fast", "published"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,9 +43,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+ENCODER = {"size": None, "width": 32, "depth": 2, "heads": 2, "img_size": list(CROP)}
+
+
 def tiny_config(**changes) -> MSConConfig:
     spec = {
-        "encoder": {"size": None, "width": 32, "depth": 2, "heads": 2, "img_size": list(CROP)},
+        "encoder": ENCODER,
         "feature_size": 4,
         "pool_grid": [2, 4, 4],
         "token_dim": 16,
@@ -91,13 +98,29 @@ def em_views(em_raw):
 # -- the contrastive loss ------------------------------------------------------------------------
 
 
-def test_info_nce_prefers_views_of_the_same_crop_and_the_degenerate_form_does_not(em_views):
-    model = tiny_model().eval()
+def training_tokens(model, weak, strong, seed: int = 0):
+    """Both views' pyramid tokens as a training step computes them: one batch of 2B views, the
+    encoder's patches drawn as forward draws them (all of them in the published variant)."""
+    views = torch.cat([weak, strong])
+    keep = model.draw_keep(
+        len(views), model.encoder.grid_of(views), generator=torch.Generator().manual_seed(seed)
+    )
     with torch.no_grad():
-        a = model.pyramid_tokens(em_views["weak"])
-        b = model.pyramid_tokens(em_views["strong"])
+        tokens = model.pyramid_tokens(views, keep)
+    return tokens.chunk(2)
+
+
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_info_nce_prefers_views_of_the_same_crop_and_the_degenerate_form_does_not(
+    em_views, variant
+):
+    # patch 2 x 8 x 8: a 4 x 4 x 4 token grid, of which the fast encoder sees 16
+    model = tiny_model(variant=variant, encoder={**ENCODER, "patch_size": [2, 8, 8]}).eval()
+    a, b = training_tokens(model, em_views["weak"], em_views["strong"])
     tokens = a.shape[1]
-    assert tokens == model.num_tokens == 4 * (8 + 4 + 2 + 1)
+    # published: levels 1..4; fast: level 0 (the token grid, reduced to level 1's width), 1..3
+    levels = [8, 4, 2, 1] if variant == "published" else [8, 8, 4, 2]
+    assert tokens == model.num_tokens == 4 * sum(levels)
     permuted = b[:, torch.roll(torch.arange(tokens), 1)]  # every channel paired with another
     other_crop = b[[1, 2, 0]]  # the second view of each crop comes from another crop
     opposite = -a  # every positive similarity is -1
@@ -110,6 +133,11 @@ def test_info_nce_prefers_views_of_the_same_crop_and_the_degenerate_form_does_no
     assert float(degenerate_contrast(a, opposite)) == pytest.approx(math.log(n), abs=1e-5)
     assert float(degenerate_contrast(a, b)) >= math.log(n) - 1e-5
     assert not prefers_aligned(degenerate_contrast, a, b, mismatched)
+    # the fast encoder's random patches: aligned views win whichever quarter it sees
+    for seed in (1, 2, 3):
+        a, b = training_tokens(model, em_views["weak"], em_views["strong"], seed)
+        permuted, other_crop = b[:, torch.roll(torch.arange(tokens), 1)], b[[1, 2, 0]]
+        assert prefers_aligned(info_nce, a, b, [permuted, other_crop, -a]), seed
 
 
 def test_info_nce_known_answers():
@@ -155,9 +183,10 @@ def test_consistency_is_not_met_by_a_component_all_tokens_share():
 # -- the model -----------------------------------------------------------------------------------
 
 
-def test_forward_shapes_terms_and_weights(em_views):
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_forward_shapes_terms_and_weights(em_views, variant):
     loss_cfg = MSConLossConfig(recon_weight=1.0, contrast_weight=0.1, cross_weight=0.5)
-    model = tiny_model(loss=loss_cfg)
+    model = tiny_model(loss=loss_cfg, variant=variant)
     out = model(em_views["weak"], em_views["strong"], em_views["clean"])
     batch = em_views["weak"].shape[0]
     assert out.recon.shape == (2, batch, 1, *CROP)
@@ -176,11 +205,43 @@ def test_forward_shapes_terms_and_weights(em_views):
     assert 0 <= out.accuracy <= 1
 
 
-@pytest.mark.parametrize("skip_connections", [False, True])
+def test_fast_encoder_sees_one_shared_random_quarter_of_the_patches(em_views):
+    model = tiny_model(encoder={**ENCODER, "patch_size": [2, 8, 8]})  # grid 4 x 4 x 4
+    assert model.visible_fraction == 0.25 and model.decoder_levels == 3
+    keep = model.draw_keep(6, (4, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert keep.shape == (6, 16) and bool((keep == keep[:1]).all())  # every crop and view alike
+    assert torch.equal(keep[0], keep[0].unique())  # 16 distinct tokens, in token order
+    again = model.draw_keep(6, (4, 4, 4), generator=torch.Generator().manual_seed(0))
+    other = model.draw_keep(6, (4, 4, 4), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(keep, again) and not torch.equal(keep, other)
+    # level 0 holds the encoder's tokens where seen and the learned mask token elsewhere
+    views = em_views["weak"][:2]
+    with torch.no_grad():
+        grid = model.encode(views, keep[:2]).flatten(2).transpose(1, 2)  # [B, N, D]
+        seen = model.encoder.forward_features(views, keep=keep[:2]).tokens
+    hidden = torch.ones(64, dtype=torch.bool)
+    hidden[keep[0]] = False
+    torch.testing.assert_close(grid[:, keep[0]], seen)
+    assert torch.equal(grid[:, hidden], model.mask_token.detach().expand(2, 48, -1))
+    # a given keep makes the step deterministic; by default each step draws its own
+    weak, strong, clean = (em_views[k][:2] for k in ("weak", "strong", "clean"))
+    with torch.no_grad():
+        first = float(model(weak, strong, clean, keep=keep[:4]).loss)
+        assert first == float(model(weak, strong, clean, keep=keep[:4]).loss)
+    # the published variant sees every patch and has no mask token
+    published = tiny_model(variant="published")
+    assert published.draw_keep(6, (2, 2, 2)) is None and published.mask_token is None
+
+
+@pytest.mark.parametrize(
+    ("variant", "skip_connections"), [("fast", False), ("published", False), ("published", True)]
+)
 @pytest.mark.parametrize("cross_loss", ["infonce", "cosine"])
-def test_every_term_reaches_the_encoder(em_views, skip_connections, cross_loss):
+def test_every_term_reaches_the_encoder(em_views, variant, skip_connections, cross_loss):
     model = tiny_model(
-        loss=MSConLossConfig(cross_loss=cross_loss), skip_connections=skip_connections
+        loss=MSConLossConfig(cross_loss=cross_loss),
+        variant=variant,
+        skip_connections=skip_connections,
     )
     out = model(em_views["weak"][:2], em_views["strong"][:2], em_views["clean"][:2])
     encoder = [model.encoder.patch_embed.proj.weight, model.encoder.blocks[0].attn.qkv.weight]
@@ -192,8 +253,13 @@ def test_every_term_reaches_the_encoder(em_views, skip_connections, cross_loss):
     attention = model.cross_attention.in_proj_weight
     for name in ("cross_weak", "cross_strong"):
         assert torch.autograd.grad(out.losses[name], attention, retain_graph=True)[0].abs().sum()
-    grad = torch.autograd.grad(out.losses["contrast"], model.projectors[0].weight)[0]
+    grad = torch.autograd.grad(
+        out.losses["contrast"], model.projectors[0].weight, retain_graph=True
+    )[0]
     assert grad.abs().sum() > 0
+    # every parameter is used (DDP waits for each one's gradient): no stage is built and idle
+    out.loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
 
 
 def test_loss_is_finite_under_bf16_autocast(em_views):
@@ -208,10 +274,12 @@ def test_loss_is_finite_under_bf16_autocast(em_views):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_checkpoint_encoder_initialises_a_unetr():
-    model = tiny_model(seed=3)
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_checkpoint_encoder_initialises_a_unetr(variant):
+    model = tiny_model(seed=3, variant=variant)
     state = model.state_dict()
-    assert all(k.startswith(("unetr.", "projectors.", "cross_attention.")) for k in state)
+    heads = ("unetr.", "projectors.", "cross_attention.", "mask_token", "level0.")
+    assert all(k.startswith(heads) for k in state)
     unetr = build_unetr(
         UNETRConfig(encoder=tiny_config().encoder, out_channels=3, skip_connections=True)
     )
@@ -219,6 +287,10 @@ def test_checkpoint_encoder_initialises_a_unetr():
     assert report.loaded and report.missing == [] and report.unexpected == []
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(unetr.encoder.state_dict()[key], value), key
+    if variant == "fast":  # three stages and a 2x2x2-block head: not UNETR's whole decoder
+        assert not any(k.startswith("unetr.up4.") for k in state)
+        assert state["unetr.head.weight"].shape == (8, 1, 2, 2, 2)
+        return
     # without skips the whole decoder has UNETR's own names, so it could be reused as well
     plain = build_unetr(
         UNETRConfig(
@@ -229,14 +301,17 @@ def test_checkpoint_encoder_initialises_a_unetr():
     plain.load_state_dict(decoder)
 
 
-def test_raw_tokens_without_projection_are_pooled_maps(em_views):
-    model = tiny_model(token_dim=None, attention_heads=4)
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_raw_tokens_without_projection_are_pooled_maps(em_views, variant):
+    model = tiny_model(token_dim=None, attention_heads=4, variant=variant)
     with torch.no_grad():
-        features = model.unetr.decoder_features(em_views["weak"])
+        features = model.feature_levels(em_views["weak"])
         tokens = model.pyramid_tokens(em_views["weak"])
+    assert len(features) == (5 if variant == "published" else 4)  # levels 0..4 or 0..3
     assert tokens.shape[-1] == 2 * 4 * 4
-    first = F.adaptive_avg_pool3d(features[0], (2, 4, 4)).flatten(2)
-    torch.testing.assert_close(tokens[:, : first.shape[1]], first)
+    finest = F.adaptive_avg_pool3d(features[-1], (2, 4, 4)).flatten(2)
+    assert finest.shape[1] == (4 if variant == "published" else 8)  # level 4 or 3
+    torch.testing.assert_close(tokens[:, -finest.shape[1] :], finest)
 
 
 # -- views and configs ---------------------------------------------------------------------------
@@ -257,11 +332,13 @@ def test_views_are_seeded_and_share_the_clean_crop():
     assert not torch.equal(first["strong"], other["strong"])
 
 
-def test_example_config_loads_with_the_published_settings():
+def test_example_config_loads_with_the_fast_default_and_the_published_variant_by_name():
     from neuroray.config import load_config
 
-    job = load_config(MSConJob, REPO / "configs" / "pretrain_mscon.yaml")
-    assert job.model.pool_grid == (16, 16, 16) and job.model.skip_connections is False
+    path = REPO / "configs" / "pretrain_mscon.yaml"
+    job = load_config(MSConJob, path)
+    assert job.model.variant == "fast" and job.model.architecture() == VARIANTS["fast"]
+    assert job.model.skip_connections is False
     assert (job.loss.recon_weight, job.loss.contrast_weight, job.loss.cross_weight) == (1, 0.1, 0.5)
     assert job.loss.temperature == 0.1
     assert job.augment == MSConAugmentConfig()  # the explicit lists are the named defaults
@@ -273,11 +350,25 @@ def test_example_config_loads_with_the_published_settings():
         "misalignment",
         "elastic",
     }
+    published = load_config(MSConJob, path, ["model.variant=published"]).model.architecture()
+    assert published == VARIANTS["published"]
+    assert (published.feature_size, published.decoder_levels) == (16, 4)
+    assert published.pool_grid == (16, 16, 16) and published.visible_fraction == 1
+    # an explicit field overrides the variant's value; the others stay the variant's
+    mixed = load_config(MSConJob, path, ["model.pool_grid=[16, 16, 16]"]).model.architecture()
+    assert mixed == dataclasses.replace(VARIANTS["fast"], pool_grid=(16, 16, 16))
 
 
 def test_config_errors_are_actionable():
     with pytest.raises(ConfigError, match="attention_heads"):
         tiny_config(token_dim=10, attention_heads=4)
+    with pytest.raises(ConfigError, match="variant=published"):
+        tiny_config(skip_connections=True)  # the fast default hides patches
+    tiny_config(skip_connections=True, variant="published")
+    with pytest.raises(ConfigError, match="decoder_levels"):
+        tiny_config(decoder_levels=2)
+    with pytest.raises(ConfigError, match="variant"):
+        tiny_config(variant="quick")
     with pytest.raises(ConfigError, match="nothing would be learned"):
         validate(MSConLossConfig, {"recon_weight": 0, "contrast_weight": 0, "cross_weight": 0})
     data = {"image": "layer", "sampler": {"crop_shape": list(CROP)}}
