@@ -316,14 +316,31 @@ def _objects_to_show(
     return sorted(fragments, key=lambda i: -fragments[i])[:most]
 
 
+#: Panel side (pixels) the first slice is fitted to when the window size is unknown.
+PANEL_PX = 450
+
+
+def panel_px(size: tuple[int, int], layout: str) -> int:
+    """The shorter side, in pixels, of one slice panel of a ``size`` (width, height) window in
+    ``layout``: a 2 x 2 grid for ``4panel``, side by side for ``xy-3d``, the window otherwise."""
+    width, height = size
+    if layout == "4panel":
+        width, height = width // 2, height // 2
+    elif layout == "xy-3d":
+        width //= 2
+    return max(1, min(width, height))
+
+
 def serve(
     layers: Sequence[ViewLayer],
     *,
     bind: str = "127.0.0.1",
     port: int = 0,
     layout: str = "4panel",
+    panel: int = PANEL_PX,
 ) -> View:
-    """Start neuroglancer's server on ``bind:port`` showing ``layers``; returns the running view."""
+    """Start neuroglancer's server on ``bind:port`` showing ``layers``; returns the running view.
+    The first layer's slice fits a ``panel``-pixel square (:func:`panel_px` for a known size)."""
     import neuroglancer
 
     neuroglancer.set_server_bind_address(bind, port)
@@ -333,7 +350,7 @@ def serve(
     with viewer.txn() as state:
         state.dimensions = _dimensions(first.voxel_size, "xyz")
         state.position = [s / 2 for s in first.shape[::-1]]  # x, y, z voxels: the centre
-        state.cross_section_scale = max(first.shape[1:]) / 450  # the slice fills a panel
+        state.cross_section_scale = max(first.shape[1:]) / panel  # the slice fits a panel
         state.projection_scale = 1.5 * max(first.shape[1:])
         state.layout = layout
         for layer in layers:
@@ -401,9 +418,22 @@ def screenshot(
         extra_command_line_args=args,
     ):
         reply = _screenshot_within(view.viewer, size, timeout_s)
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    Path(png).write_bytes(reply.screenshot.image)
+    _write_png(reply.screenshot.image, Path(png))
     return reply.viewer_state.to_json()
+
+
+def _write_png(image: bytes, png: Path) -> None:
+    """Chromium's PNG re-encoded smaller: without its alpha channel when every pixel is
+    opaque (Neuroglancer's always are), and optimised (about 30% smaller for EM)."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(image))
+    if picture.mode == "RGBA" and picture.getchannel("A").getextrema() == (255, 255):
+        picture = picture.convert("RGB")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(png, format="PNG", optimize=True)
 
 
 def _screenshot_within(viewer: Any, size: tuple[int, int], timeout_s: float) -> Any:
@@ -447,7 +477,8 @@ def run_view(
     layers = resolve_layers(targets)  # every input error before any server starts
     if screenshot_png is not None:
         find_chromium()
-    view = serve(layers, bind=bind, port=port, layout=layout)
+    panel = panel_px(size, layout) if screenshot_png is not None else PANEL_PX
+    view = serve(layers, bind=bind, port=port, layout=layout, panel=panel)
     try:
         for layer in layers:
             volume = layer.volume

@@ -129,6 +129,9 @@ def test_screenshot_of_an_image_and_a_segmentation(chromium, layers, tmp_path):
     assert [line.split(":")[0] for line in printed] == ["raw", "seg"]
     # the view opens at the centre of the volume (x, y, z voxels)
     assert state["position"] == pytest.approx([SHAPE[2] / 2, SHAPE[1] / 2, SHAPE[0] / 2])
+    # the slice fits the 640 x 480 panel: 128 voxels across its 480-pixel side
+    assert state["crossSectionScale"] == pytest.approx(SHAPE[2] / 480)
+    assert Image.open(png).mode == "RGB"  # Neuroglancer's opaque alpha channel dropped
 
 
 def test_view_serves_until_interrupted_and_lists_voxel_sizes(layers):
