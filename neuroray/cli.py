@@ -376,6 +376,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"view: {view_command(*shown, *labels, args.segmentation)}")
 
 
+# ---------------------------------------------------------------------- export
+def cmd_export_swc(args: argparse.Namespace) -> None:
+    from neuroray.segmentation.export import export_swc
+
+    tree = export_swc(
+        args.segmentation,
+        args.swc,
+        roi=args.roi,
+        dust_voxels=args.dust_voxels,
+        scale=args.scale,
+        const_nm=args.const_nm,
+    )
+    trees = len(tree.roots)
+    print(f"{args.swc}: {len(tree)} nodes in {trees} tree{'s' * (trees != 1)} (voxel coordinates)")
+
+
 # ---------------------------------------------------------------------- view
 def cmd_view(args: argparse.Namespace) -> None:
     from neuroray.view import run_view
@@ -554,6 +570,28 @@ def build_parser() -> argparse.ArgumentParser:
         "and node precision / recall / F1",
     )
     evaluate.set_defaults(func=cmd_evaluate)
+
+    export = commands.add_parser("export", help="write outputs in other tools' formats")
+    export_commands = export.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
+    swc = export_commands.add_parser(
+        "swc",
+        help="skeletonise an LM segmentation (its foreground) into an SWC tree with kimimaro",
+    )
+    swc.add_argument(
+        "segmentation", help="segmentation layer URL or a `neuroray segment` output folder"
+    )
+    swc.add_argument("swc", help="the SWC file to write (x, y, z in voxels of the box)")
+    swc.add_argument("--roi", type=_parse_roi, default=None, help="z0,y0,x0,z1,y1,x1")
+    swc.add_argument(
+        "--dust-voxels", type=int, default=20, help="skip components with fewer voxels"
+    )
+    swc.add_argument(
+        "--scale", type=float, default=1.5, help="TEASAR: invalidation radius per boundary distance"
+    )
+    swc.add_argument(
+        "--const-nm", type=float, default=1000.0, help="TEASAR: constant invalidation radius (nm)"
+    )
+    swc.set_defaults(func=cmd_export_swc)
 
     view = commands.add_parser(
         "view",
