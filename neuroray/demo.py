@@ -372,12 +372,32 @@ def stage_segment(run: DemoRun) -> str:
     from neuroray.view import view_command
 
     run.say(f"look at it: {view_command(result.output)}")
+    png = save_view(run, [result.output], run.out / "segmentation" / "em_view.png")
+    if png is not None:
+        run.urls["em_view_png"] = png
     seconds = sum(s.seconds for s in result.stages)
     return (
         f"{result.voxels / 1e6:.1f} Mvoxels in {len(result.stages)} stages "
         f"({result.voxels / seconds / 1e3:.0f} kvoxels/s), waterz threshold {result.threshold} "
         f"from the checkpoint -> {result.output}"
     )
+
+
+def save_view(run: DemoRun, targets: list[str], png: Path) -> str | None:
+    """A screenshot of ``targets`` in ``neuroray view`` (the image, affinities and segmentation of
+    a segment output), rendered in headless Chromium; where none is installed or it cannot
+    render, the demo says why in one line and goes on without it (it is a picture, not a
+    result)."""
+    from neuroray.errors import NeurorayError
+    from neuroray.view import run_view
+
+    try:
+        run_view(targets, screenshot_png=str(png), size=(960, 720), layout="xy", out=lambda _: None)
+    except NeurorayError as err:
+        run.say(f"no screenshot of the segmentation: {err}")
+        return None
+    run.say(f"screenshot of the segmentation: {png}")
+    return str(png)
 
 
 def stage_evaluate(run: DemoRun) -> str:

@@ -232,3 +232,25 @@ def test_ingest_prints_the_view_command_and_adds_levels(tmp_path, capsys):
     ]
     assert main(zarr_argv) == 2  # levels are for precomputed layers: refused before any work
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_the_demo_saves_a_screenshot_or_says_why_not(
+    chromium, layers, tmp_path, monkeypatch, capsys
+):
+    from neuroray import demo
+
+    image_url, seg_url, _ = layers
+    run = demo.DemoRun(out=tmp_path)
+    png = tmp_path / "segmentation" / "em_view.png"
+    assert demo.save_view(run, [image_url, seg_url], png) == str(png)
+    _check_rendered(png)
+    assert f"[demo] screenshot of the segmentation: {png}" in capsys.readouterr().out
+    # no browser on the PATH: one line saying how to install it, and the demo goes on
+    monkeypatch.setenv("PATH", str(tmp_path / "no-browsers"))
+    monkeypatch.delenv("SE_CHROMEDRIVER", raising=False)
+    assert demo.save_view(run, [image_url, seg_url], tmp_path / "none.png") is None
+    out = capsys.readouterr().out
+    assert "no screenshot of the segmentation: --screenshot needs a headless browser" in out
+    assert (
+        "apt-get install chromium chromium-driver" in out and not (tmp_path / "none.png").exists()
+    )
