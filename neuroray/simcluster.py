@@ -184,6 +184,7 @@ class LocalCluster:
             args.update(
                 include_dashboard=self.dashboard,
                 dashboard_host="127.0.0.1",
+                dashboard_port=_free_ports(1)[0],  # 8265 may be another Ray's on this host
                 node_ip_address="127.0.0.1",
             )
             if self.system_config:
@@ -332,7 +333,7 @@ class AutoscalingLocalCluster:
     types (Ray's fake multi-node provider starts them as raylets here)::
 
         with AutoscalingLocalCluster("cluster/aws.yaml", idle_timeout_minutes=0.1) as cluster:
-            ...                       # ask for resources; cluster.node_types() shows what came
+            ...                       # ask for resources; cluster.active_nodes() shows what came
 
     Unlike ``ray.cluster_utils.AutoscalingCluster`` it never runs ``ray stop`` (which ends every
     Ray of the machine): its head is ``ray start --block`` in its own session, on its own ports
@@ -367,6 +368,7 @@ class AutoscalingLocalCluster:
 
         if ray.is_initialized():
             raise NeurorayError("AutoscalingLocalCluster needs a process without Ray")
+        _token_auth_like_the_head()
         ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
         self.address = f"127.0.0.1:{ports['port']}"
         self._temp_dir = tempfile.mkdtemp(prefix="nr-as-", dir="/tmp")  # socket paths are short
@@ -409,6 +411,7 @@ class AutoscalingLocalCluster:
         return self
 
     def _connect(self, timeout_s: float) -> None:
+        import socket
         import time
 
         import ray
@@ -416,17 +419,19 @@ class AutoscalingLocalCluster:
         from neuroray.runtime import _loopback_node
 
         deadline = time.monotonic() + timeout_s
-        while True:
+        host, port = self.address.rsplit(":", 1)
+        while True:  # ray.init once the GCS listens (a refused connection only logs and retries)
             if self._head.poll() is not None:
                 raise NeurorayError(f"ray start --head exited with {self._head.returncode}")
             try:
-                with _loopback_node():
-                    ray.init(address=self.address, log_to_driver=False)
-                return
-            except Exception:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
                 if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+                    raise NeurorayError(f"the head's GCS did not listen in {timeout_s} s") from None
+                time.sleep(0.5)
+        with _loopback_node():
+            ray.init(address=self.address, log_to_driver=False)
 
     def __exit__(self, *exc_info: object) -> None:
         import shutil
@@ -468,6 +473,22 @@ class AutoscalingLocalCluster:
         """Worker nodes up, per node type, as the autoscaler counts them."""
         active = self.autoscaler_report().get("active_nodes") or {}
         return {k: v for k, v in active.items() if k != FAKE_HEAD_TYPE and v}
+
+
+def _token_auth_like_the_head() -> None:
+    """Make this process send Ray's auth token, as the head it starts will require.
+
+    ``ray start`` turns token auth on when ``RAY_AUTH_MODE`` is unset (2.60's default), but
+    ``ray.init(address=...)`` sends the token only when this process's Ray config says token
+    mode, and Ray reads that config at import: a process that starts its own cluster gets it
+    switched on by Ray (LocalCluster), a process joining one does not. So, as Ray does for its
+    own clusters: set the mode (kept if the user set one) and reload the config."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return  # the user's choice reaches both the head and this process
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
 
 
 def _free_ports(count: int) -> list[int]:
