@@ -10,13 +10,13 @@ import json
 
 import numpy as np
 import pytest
+from affinity_layers import write_affinity_layer
 
 from neuroray.cli import main
 from neuroray.errors import NeurorayError
 from neuroray.platform.ingest import ingest
 from neuroray.platform.lm_data import read_lm_record
-from neuroray.platform.volume import create_volume, open_volume
-from neuroray.segmentation.targets import seg_to_affinities
+from neuroray.platform.volume import open_volume
 
 
 def _error_line(capsys) -> str:
@@ -166,13 +166,8 @@ def test_lm_swc_outside_its_stack_is_an_error(tmp_path, capsys, lm_stack):
 def affinities(em_dense, tmp_path_factory):
     # fib_medulla_s2 z 100-132, y 0-64, x 0-128 (or the synthetic cube's corner)
     labels = open_volume(em_dense.labels)[em_dense.region][:32, :64, :128]
-    affs, _ = seg_to_affinities(labels)
-    noisy = np.clip(affs + np.random.default_rng(1).normal(0, 0.2, affs.shape), 0, 1)
     url = str(tmp_path_factory.mktemp("affs") / "affinities")
-    layer = create_volume(url, shape=labels.shape, dtype="uint8", num_channels=3,
-                          chunk_shape=(32, 64, 64), format="precomputed")
-    layer.write(layer.bounds, np.rint(noisy * 255).astype(np.uint8))
-    return url
+    return write_affinity_layer(url, labels, noise=0.2, seed=1)
 
 
 def _segment_cli(affinities: str, output, *extra: str) -> int:

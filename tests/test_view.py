@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from affinity_layers import write_affinity_layer
 from PIL import Image
 
 from neuroray.platform.volume import create_volume
@@ -167,21 +168,11 @@ def test_bad_input_is_one_line_before_serving(tmp_path):
 def test_segment_output_folder_view(chromium, ray_session, layers, tmp_path):
     """A real ``segment`` output stands for its affinities and segmentation, rendered."""
     from neuroray.segmentation.blockwise import SegmentJob, segment
-    from neuroray.segmentation.targets import seg_to_affinities
 
     _, _, labels = layers
-    affs, _ = seg_to_affinities(labels.astype(np.uint64))
-    url = str(tmp_path / "affinities")
-    volume = create_volume(
-        url,
-        shape=SHAPE,
-        dtype="uint8",
-        num_channels=3,
-        chunk_shape=(16, 64, 64),
-        voxel_size=VOXEL,
-        format="precomputed",
+    url = write_affinity_layer(
+        str(tmp_path / "affinities"), labels, chunk_shape=(16, 64, 64), voxel_size=VOXEL
     )
-    volume.write(volume.bounds, np.rint(affs * 255).astype(np.uint8))
     out = tmp_path / "segmented"
     result = segment(
         SegmentJob(affinities=url, output=str(out), block_shape=(16, 64, 64)), progress=False

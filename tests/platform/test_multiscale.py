@@ -8,12 +8,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from affinity_layers import write_affinity_layer
 from cloudvolume import CloudVolume
 
 from neuroray.errors import VolumeError
 from neuroray.platform.multiscale import add_levels, add_meshes, levels_for
 from neuroray.platform.volume import create_volume
-from neuroray.segmentation.targets import seg_to_affinities
 
 SHAPE = (16, 128, 128)
 VOXEL = (40.0, 8.0, 8.0)
@@ -117,18 +117,9 @@ def test_segment_mesh_and_multiscale(ray_session, tmp_path):
     from neuroray.segmentation.blockwise import SegmentJob, segment
 
     labels = _balls(seed=2)
-    affs, _ = seg_to_affinities(labels.astype(np.uint64))
-    url = str(tmp_path / "affinities")
-    layer = create_volume(
-        url,
-        shape=SHAPE,
-        dtype="uint8",
-        num_channels=3,
-        chunk_shape=(16, 64, 64),
-        voxel_size=VOXEL,
-        format="precomputed",
+    url = write_affinity_layer(
+        str(tmp_path / "affinities"), labels, chunk_shape=(16, 64, 64), voxel_size=VOXEL
     )
-    layer.write(layer.bounds, np.rint(affs * 255).astype(np.uint8))
     out = tmp_path / "out"
     result = segment(
         SegmentJob(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from affinity_layers import write_affinity_layer
 
 from neuroray.errors import NeurorayError, VolumeError
 from neuroray.platform.box import chunk_grid
-from neuroray.platform.volume import create_volume, open_volume
+from neuroray.platform.volume import open_volume
 from neuroray.segmentation.blockwise import SegmentJob, segment
 from neuroray.segmentation.inference import segment_affinities
 from neuroray.segmentation.metrics import evaluate_segmentation
-from neuroray.segmentation.targets import seg_to_affinities
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +20,8 @@ def noisy_affinities(em_dense, tmp_path_factory):
     as a uint8 layer 64 x 128 x 128."""
     labels = open_volume(em_dense.labels)[em_dense.region]
     assert labels.shape == (64, 128, 128)
-    affs, _ = seg_to_affinities(labels)
-    noisy = np.clip(affs + np.random.default_rng(0).normal(0, 0.15, affs.shape), 0, 1)
     url = str(tmp_path_factory.mktemp("affs") / "affinities")
-    layer = create_volume(url, shape=labels.shape, dtype="uint8", num_channels=3,
-                          chunk_shape=(32, 64, 64), format="precomputed")
-    layer.write(layer.bounds, np.rint(noisy * 255).astype(np.uint8))
-    return url, labels
+    return write_affinity_layer(url, labels, noise=0.15, seed=0), labels
 
 
 @pytest.fixture(scope="module")
