@@ -341,7 +341,7 @@ def bench_inference_flops(block=(128, 1024, 1024)) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--crops", type=int, default=1600)
+    parser.add_argument("--crops", type=int, default=3200)
     parser.add_argument("--blocks", type=int, nargs="+", default=[10_000, 30_000])
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["pool", "blockwise", "driver", "flops"]
