@@ -45,18 +45,14 @@ def em_layers(work: Path, shape=(32, 96, 128), chunks=(16, 32, 64)) -> dict[str,
 
 def affinity_layer(work: Path, shape=(32, 128, 128)) -> str:
     """Noisy affinities of synthetic touching neurons, uint8, for agglomeration-only segment."""
+    from affinity_layers import write_affinity_layer  # tests/, this script's folder
+
     from neuroray.platform.synthetic import synth_em
-    from neuroray.platform.volume import create_volume
-    from neuroray.segmentation.targets import seg_to_affinities
 
     labels = synth_em(shape=shape, seed=4, voxel_size=(10.0, 10.0, 10.0)).labels
-    affs, _ = seg_to_affinities(labels)
-    noisy = np.clip(affs + np.random.default_rng(0).normal(0, 0.15, affs.shape), 0, 1)
-    url = str(work / "affinities")
-    layer = create_volume(url, shape=shape, dtype="uint8", num_channels=3,
-                          chunk_shape=(16, 32, 32), format="precomputed")  # fmt: skip
-    layer.write(layer.bounds, np.rint(noisy * 255).astype(np.uint8))
-    return url
+    return write_affinity_layer(
+        str(work / "affinities"), labels, noise=0.15, seed=0, chunk_shape=(16, 32, 32)
+    )
 
 
 def node_types():
