@@ -45,7 +45,7 @@ def em_layers(work: Path, shape=(32, 96, 128), chunks=(16, 32, 64)) -> dict[str,
 
 def affinity_layer(work: Path, shape=(32, 128, 128)) -> str:
     """Noisy affinities of synthetic touching neurons, uint8, for agglomeration-only segment."""
-    from affinity_layers import write_affinity_layer  # tests/, this script's folder
+    from written_layers import write_affinity_layer  # tests/, this script's folder
 
     from neuroray.platform.synthetic import synth_em
 

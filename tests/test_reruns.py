@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from affinity_layers import write_affinity_layer
+from written_layers import write_affinity_layer
 
 from neuroray.cli import main
 from neuroray.errors import NeurorayError

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from affinity_layers import write_affinity_layer
 from PIL import Image
+from written_layers import write_affinity_layer, write_layer
 
-from neuroray.platform.volume import create_volume
 from neuroray.view import resolve_layers, view_command
 
 VOXEL = (40.0, 8.0, 8.0)  # z, y, x nm: anisotropic, so a swapped axis shows
@@ -57,26 +56,9 @@ def layers(tmp_path_factory) -> tuple[str, str, np.ndarray]:
     for i, (cy, cx) in enumerate([(24, 30), (30, 90), (70, 40), (66, 100)], start=1):
         labels[((y - cy) ** 2 + (x - cx) ** 2) < 18**2] = i
     image = (40 + x + 80 * (labels > 0)).astype(np.uint8)
-    image_url = str(root / "raw")
-    volume = create_volume(
-        image_url,
-        shape=SHAPE,
-        dtype="uint8",
-        chunk_shape=(16, 64, 64),
-        voxel_size=VOXEL,
-        format="precomputed",
-    )
-    volume.write(volume.bounds, image)
-    seg_url = str(root / "seg.zarr")
-    volume = create_volume(
-        seg_url,
-        shape=SHAPE,
-        dtype="uint32",
-        chunk_shape=(16, 64, 64),
-        voxel_size=VOXEL,
-        layer_type="segmentation",
-    )
-    volume.write(volume.bounds, labels)
+    chunks = {"chunk_shape": (16, 64, 64), "voxel_size": VOXEL}
+    image_url = write_layer(root / "raw", image, format="precomputed", **chunks)
+    seg_url = write_layer(root / "seg.zarr", labels, layer_type="segmentation", **chunks)
     return image_url, seg_url, labels
 
 

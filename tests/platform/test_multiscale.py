@@ -8,8 +8,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from affinity_layers import write_affinity_layer
 from cloudvolume import CloudVolume
+from written_layers import write_affinity_layer, write_layer
 
 from neuroray.errors import VolumeError
 from neuroray.platform.multiscale import add_levels, add_meshes, levels_for
@@ -17,6 +17,7 @@ from neuroray.platform.volume import create_volume
 
 SHAPE = (16, 128, 128)
 VOXEL = (40.0, 8.0, 8.0)
+PRECOMPUTED = {"chunk_shape": (16, 64, 64), "voxel_size": VOXEL, "format": "precomputed"}
 MIN_VOXELS = 300
 
 
@@ -69,16 +70,7 @@ def _check_meshes(path, labels: np.ndarray) -> None:
 def test_levels_and_meshes_of_a_layer(tmp_path):
     labels = _balls()
     path = tmp_path / "labels"
-    layer = create_volume(
-        path,
-        shape=SHAPE,
-        dtype="uint32",
-        chunk_shape=(16, 64, 64),
-        voxel_size=VOXEL,
-        layer_type="segmentation",
-        format="precomputed",
-    )
-    layer.write(layer.bounds, labels)
+    write_layer(path, labels, layer_type="segmentation", **PRECOMPUTED)
     assert add_levels(str(path)) == levels_for(SHAPE) == 1
     _check_mode_levels(path, labels)
     assert add_meshes(str(path), block_shape_zyx=(16, 64, 64), dust_threshold=MIN_VOXELS) == 4
@@ -88,15 +80,7 @@ def test_levels_and_meshes_of_a_layer(tmp_path):
 def test_image_levels_average(tmp_path):
     image = np.random.default_rng(1).integers(0, 256, SHAPE, dtype=np.uint8)
     path = tmp_path / "image"
-    layer = create_volume(
-        path,
-        shape=SHAPE,
-        dtype="uint8",
-        chunk_shape=(16, 64, 64),
-        voxel_size=VOXEL,
-        format="precomputed",
-    )
-    layer.write(layer.bounds, image)
+    write_layer(path, image, **PRECOMPUTED)
     add_levels(str(path))
     mean = image.reshape(SHAPE[0], 64, 2, 64, 2).mean(axis=(2, 4))
     assert np.abs(_level(path, 1).astype(float) - mean).max() <= 1.0  # rounded means

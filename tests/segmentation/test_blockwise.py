@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from affinity_layers import write_affinity_layer
+from written_layers import write_affinity_layer
 
 from neuroray.errors import NeurorayError, VolumeError
 from neuroray.platform.box import chunk_grid

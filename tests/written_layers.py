@@ -1,19 +1,30 @@
-"""One home for the affinity layers that segmentation tests segment: a label volume's
-nearest-neighbour affinities (optionally with Gaussian noise) written as a uint8 precomputed
-layer, which is what a fine-tuned model's prediction looks like on disk.
+"""One home for the layers tests write to disk: an array as a layer (:func:`write_layer`), and
+the affinity layer that segmentation tests segment (:func:`write_affinity_layer`: a label
+volume's nearest-neighbour affinities, optionally noisy, as uint8 precomputed — what a fine-tuned
+model's prediction looks like on disk).
 
-Tests import it as ``from affinity_layers import write_affinity_layer`` (tests/ is on the path
-through tests/conftest.py); tests/multinode_scenarios.py, run as a script from tests/, too.
+Tests import it as ``from written_layers import ...`` (tests/ is on the path through
+tests/conftest.py); tests/multinode_scenarios.py, run as a script from tests/, too.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from neuroray.platform.volume import create_volume
 from neuroray.segmentation.targets import seg_to_affinities
+
+
+def write_layer(url: str | os.PathLike, array: np.ndarray, **create: Any) -> str:
+    """``array`` [z, y, x] written as a new layer at ``url`` (``create``: create_volume's options,
+    e.g. chunk_shape, voxel_size, layer_type, format); returns the URL as a string."""
+    layer = create_volume(url, shape=array.shape, dtype=array.dtype, **create)
+    layer.write(layer.bounds, array)
+    return os.fspath(url)
 
 
 def write_affinity_layer(
