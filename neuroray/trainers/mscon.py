@@ -8,7 +8,8 @@ once per crop (the reconstruction target), then ``weak`` and ``strong`` from it.
 is seeded by (seed, rank, step), so a resumed run draws the views it would have drawn (and, in
 the fast variant, the patches the encoder sees). ``model.variant`` picks the network: ``fast``
 (default; the encoder sees a quarter of the patches, a three-level decoder) or ``published``
-(the paper's, ~10x the work per sample; see neuroray/models/mscon.py).
+(the paper's network, ~14x the work per sample of the fast one; see neuroray/models/mscon.py
+and benchmarks/RESULTS.md).
 
 The checkpoint holds the encoder under ``unetr.encoder.`` (``encoder_prefix`` in model.pt), which
 ``neuroray.models.unetr.load_encoder(unetr, state_dict, prefix=...)`` reads for fine-tuning.
