@@ -21,10 +21,12 @@ and its layers are :mod:`neuroray.segmentation.block_output`; stitching is
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +43,7 @@ from neuroray.paths import InputPath, OutputPath, check_inputs, local_file
 from neuroray.platform.augment import as_float_image
 from neuroray.platform.box import Box, chunk_grid
 from neuroray.platform.storage import put_atomic
-from neuroray.platform.volume import open_volume
+from neuroray.platform.volume import local_path, open_volume
 from neuroray.segmentation.block_output import (
     Markers,
     ensure_layer,
@@ -146,39 +148,66 @@ def _blocks(bounds: Box, block_shape: Sequence[int]) -> list[Box]:
     return list(chunk_grid(bounds, block_shape))
 
 
-def _fail_once(
-    config: SegmentJob,
-    block: int,
-    url: str | None = None,
-    box: Box | None = None,
-    data: np.ndarray | None = None,
-) -> None:
-    """Fault injection (``fail_on_blocks``): the block's worker process dies once (``os._exit``:
-    no exception, no cleanup), as a preempted node's would.
-
-    Called on entry to the block task (no ``url``: ``fail_mode="before_write"`` dies there) and
-    just before the block writes its output chunk (``fail_mode="torn_write"``: the chunk is
-    written, every file that write touched is cut to half its length, a write cut short, and the
-    worker dies before its completion marker). Local outputs only.
-    """
-    if (url is None) != (config.fail_mode == "before_write"):
+def _fail_once(config: SegmentJob, block: int) -> None:
+    """Fault injection (``fail_on_blocks``, ``fail_mode="before_write"``): the block's worker
+    process dies once on entry to the block task (``os._exit``: no exception, no cleanup), as a
+    preempted node's would."""
+    if config.fail_mode != "before_write" or not _first_failure(config, block):
         return
+    os._exit(1)  # a real worker death, as a preempted node would give
+
+
+def _first_failure(config: SegmentJob, block: int) -> bool:
+    """True the first time ``block`` is asked to fail (a flag file under the output)."""
     flag = Path(config.output) / ".neuroray" / "blockwise" / f"injected_failure_{block}"
     if flag.exists():
-        return
+        return False
     flag.parent.mkdir(parents=True, exist_ok=True)
     flag.write_text("1")
-    if url is not None:
-        from neuroray.platform.volume import local_path
+    return True
 
-        root = Path(local_path(url))
-        before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+def _write_block(
+    config: SegmentJob, block: int, url: str, box: Box, data: np.ndarray, *, drill: bool
+) -> None:
+    """Write a block's output chunk; in a fault drill (``drill`` and ``fail_mode="torn_write"``)
+    the first write of a ``fail_on_blocks`` block is torn instead: the chunk is written, every
+    file that write touched is cut to half its length, and the worker dies before its marker.
+    Local outputs only."""
+    tear = (drill and config.fail_mode == "torn_write" and block in config.fail_on_blocks
+            and _first_failure(config, block))  # fmt: skip
+    with _drill_lock(config):
+        root = Path(local_path(url)) if tear else None
+        before = _file_times(root) if root else {}
         open_volume(url, "r+").write(box, data)
-        for path in root.rglob("*"):
-            if path.is_file() and before.get(path) != path.stat().st_mtime_ns:
-                with path.open("r+b") as f:
-                    f.truncate(path.stat().st_size // 2)
-    os._exit(1)  # a real worker death, as a preempted node would give
+        if root:
+            for path, mtime in _file_times(root).items():
+                if before.get(path) != mtime:
+                    with path.open("r+b") as f:
+                        f.truncate(path.stat().st_size // 2)
+            os._exit(1)  # a real worker death, as a preempted node would give
+
+
+@contextlib.contextmanager
+def _drill_lock(config: SegmentJob) -> Iterator[None]:
+    """While a fault drill runs, every block's write holds one lock file, so the files a torn
+    write touched are its own and never a neighbour's written at the same moment (that torn
+    chunk would carry its block's completion marker, and no rerun would rewrite it)."""
+    if not config.fail_on_blocks:
+        yield
+        return
+    path = Path(config.output) / ".neuroray" / "blockwise" / "drill.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the kernel releases it when the worker dies
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _file_times(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
 def predict_block(
@@ -203,9 +232,7 @@ def predict_block(
     probs = predict_array(model, data, window)
     core_probs = probs[(slice(None), *core.relative_to(region))]
     quantised = np.clip(np.rint(core_probs * 255), 0, 255).astype(np.uint8)
-    if index in config.fail_on_blocks:  # fail_mode="torn_write"
-        _fail_once(config, index, out_url, core, quantised)
-    open_volume(out_url, "r+").write(core, quantised)
+    _write_block(config, index, out_url, core, quantised, drill=True)
     Markers(config.output).mark("predict", index)
     return index
 
@@ -233,9 +260,9 @@ def agglomerate_block(
     seg = seg.astype(np.uint64)
     nonzero = seg != 0
     seg[nonzero] |= np.uint64(index + 1) << BLOCK_ID_SHIFT
-    if index in config.fail_on_blocks and config.affinities is not None:  # torn_write
-        _fail_once(config, index, blocks_url, core, seg[core.relative_to(region)])
-    open_volume(blocks_url, "r+").write(core, seg[core.relative_to(region)])
+    # the drill fails the first stage: this one only when given affinities (no predict)
+    drill = config.affinities is not None
+    _write_block(config, index, blocks_url, core, seg[core.relative_to(region)], drill=drill)
     halos = {}
     for axis in range(3):  # the halo beyond this block's upper face along each axis
         start = list(core.start)
