@@ -74,7 +74,7 @@ TASKS = {
         "crops": {"unet": [16, 96, 96], "unetr": [16, 64, 64]},
         "overrides": ["optim.warmup_steps=30"],
         # four levels 8-24-72-216, z pooled once: best validation VOI of the 6-minute probes
-        # (1.43-1.54 over 3 seeds, against 2.0+ for the small U-Net; RESULTS.md issue 14)
+        # (1.43-1.54 over 3 seeds, against 1.60-1.81 for the small U-Net; RESULTS.md issue 14)
         "unet": [
             "model.unet.size=null",
             "model.unet.channels=[8,24,72,216]",
