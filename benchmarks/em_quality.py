@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/em_quality.py --low-label 0.1                    # 10% of labels
     .venv/bin/python benchmarks/em_quality.py --task mito                        # mitochondria
     .venv/bin/python benchmarks/em_quality.py --rows unetr-mae --pretrain-min 15 # MAE first
+    .venv/bin/python benchmarks/em_quality.py --rows unetr-mae unetr-mscon --pretrain-only
 
 **Neurons** (fib_medulla_s2, 250³ at 10 nm, dense labels): fine-tune on z < 170, validate on
 170 ≤ z < 200 (where each row chooses its waterz threshold), test on z ≥ 200, untouched by any
@@ -17,9 +18,13 @@ choice. Every EM row's model also segments **fib_gala_train** (another FIB-SEM c
 Rows: the **no-learning baseline** first (segmentation/baseline.py: smoothed intensity → waterz
 for EM, one intensity threshold for mito; parameters chosen on z < 200 / sections 0–15, i.e. on
 training and validation data), then each learned row of ``--rows``: ``unet`` (the residual U-Net
-from scratch), ``unetr`` (UNETR from scratch), ``unetr-mae`` (UNETR from MAE pretraining on the
-unlabelled fib_medulla_s1_raw cube for ``--pretrain-min`` minutes, per seed) and any
-``--pretrained NAME=CHECKPOINT`` (a UNETR initialised from that checkpoint). Every learned row
+from scratch), ``unetr`` (UNETR from scratch), a UNETR whose encoder was pretrained on the
+unlabelled fib_medulla_s1_raw cube for ``--pretrain-min`` minutes (per seed, or once with
+``--pretrain-seed``): ``unetr-mae`` (MAE),
+``unetr-mscon`` (MS-Con, the fast default) and ``unetr-mscon-published`` (MS-Con as published),
+and any ``--pretrained NAME=CHECKPOINT`` (a UNETR initialised from that checkpoint). A
+pretraining is done once per (method, minutes, seed) under ``<out>/pretrain`` and reused by every
+table and task of the same ``--out`` (``--pretrain-only`` runs just those). Every learned row
 trains for the same ``--budget-min`` minutes of training time on the whole machine
 (``run.time_budget_s``; validation and test inference are not counted), from the shipped config
 (``configs/finetune_em.yaml`` / ``finetune_mito.yaml``) with the overrides listed per row.
@@ -109,7 +114,16 @@ TASKS = {
             "optim.lr=0.001",
         ],
         "table": "mito",
+        "pretrain": ("em/fib_medulla_s1_raw.h5#raw", (64, 64, 64)),
     },
+}
+#: Rows whose UNETR encoder is pretrained first: row -> (method in PRETRAIN_METHODS, the
+#: method's overrides, the row's name in the tables). Each method runs from its shipped
+#: configs/pretrain_<method>.yaml with the UNETR rows' encoder, for the same minutes.
+PRETRAININGS = {
+    "unetr-mae": ("mae", ["optim.warmup_steps=100"], "mae → unetr"),
+    "unetr-mscon": ("mscon", ["model.variant=fast"], "ms-con → unetr"),
+    "unetr-mscon-published": ("mscon", ["model.variant=published"], "ms-con published → unetr"),
 }
 ROW_MODELS = {
     # batch 2: about UNETR's voxels per step (16x96x96 x 2 vs 16x64x64 x 4); full-resolution 3D
@@ -130,7 +144,7 @@ def ingest_layers(data: str, layers: Path, task: str) -> dict[str, str]:
         sources.update(cross_image=spec["cross"]["image"], cross_labels=spec["cross"]["labels"])
     urls = {}
     for name, (source, chunks) in sources.items():
-        urls[name] = str(layers / task / name)
+        urls[name] = str(layers / ("shared" if name == "pretrain" else task) / name)
         labels = "labels" in name
         ingest(f"{data}/{source}", urls[name], chunk_shape=chunks, labels=labels, progress=False)
     return urls
@@ -178,28 +192,55 @@ def score(task: str, segmentation: np.ndarray, labels: np.ndarray, vs) -> dict[s
     return {k: round(float(v), 4) for k, v in metrics.items()}
 
 
-def pretrain_mae(urls: dict[str, str], out: Path, minutes: float, seed: int) -> tuple[str, dict]:
-    """MAE on the task's unlabelled cube (fib_medulla_s1_raw) for ``minutes`` of training time;
-    its checkpoint and job."""
+def pretrain(row: str, pretrain_url: str, runs: Path, minutes: float, seed: int) -> dict:
+    """Pretrain the encoder of ``row`` for ``minutes`` of training time on the unlabelled cube,
+    once: a finished pretraining (``<runs>/<name>/pretrained.json``) is reused by every table
+    and task, but only if it was made by the same overrides. Its checkpoint, steps and time."""
+    import json
+
     from neuroray import configs
     from neuroray.config import override
-    from neuroray.trainers.pretrain import MAEJob, pretrain
+    from neuroray.trainers.methods import PRETRAIN_METHODS
 
+    method, extra, _ = PRETRAININGS[row]
+    name = f"{row.removeprefix('unetr-')}_{minutes:g}min_seed{seed}"
     overrides = [
         *UNETR_ENCODER,
         "data.num_servers=1",
-        "optim.warmup_steps=100",
-        override("data.image", urls["pretrain"]),
+        *extra,
+        override("data.image", pretrain_url),
         override("data.sampler.seed", seed),
-        override("run.name", f"mae_s1_seed{seed}"),
-        override("run.storage_path", str(out / "runs")),
+        override("run.name", name),
+        override("run.storage_path", str(runs)),
         "run.steps=1000000",
         "run.checkpoint_every=1000000",
+        "run.preview_every=1000000",
         override("run.time_budget_s", minutes * 60),
         override("run.seed", seed),
     ]
-    result = pretrain(configs.load(MAEJob, "pretrain_mae", overrides))
-    return result.checkpoint.path, {"config": "configs/pretrain_mae.yaml", "overrides": overrides}
+    done = runs / name / "pretrained.json"
+    if done.exists():
+        record = json.loads(done.read_text())
+        if record["overrides"] != overrides:
+            raise SystemExit(f"em_quality: {done.parent} was pretrained with other overrides; "
+                             "remove that folder to pretrain it again")  # fmt: skip
+        return record
+    job = PRETRAIN_METHODS.get(method).job_class
+    started = time.perf_counter()
+    result = PRETRAIN_METHODS.get(method).run(configs.load(job, f"pretrain_{method}", overrides))
+    record = {
+        "checkpoint": result.checkpoint.path,
+        "method": method,
+        "steps": int(result.metrics["step"]),
+        "trained_s": round(float(result.metrics["trained_s"]), 1),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "config": f"configs/pretrain_{method}.yaml",
+        "overrides": overrides,
+    }
+    partial = done.with_suffix(".partial")  # a killed write never looks finished
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(done)
+    return record
 
 
 def learned_row(
@@ -261,7 +302,7 @@ def learned_row(
     metrics = result.metrics
     test_voxels = int(np.prod(np.subtract(spec["test"][3:], spec["test"][:3])))
     return {
-        "name": f"{model} {'scratch' if init == 'scratch' else row.removeprefix(model + '-')}",
+        "name": row_name(row, model, init),
         "model": model,
         "init": init,
         "steps": int(metrics["step"]),
@@ -275,6 +316,13 @@ def learned_row(
         "config": f"configs/{spec['config']}.yaml",
         "overrides": overrides,
     }
+
+
+def row_name(row: str, model: str, init: str) -> str:
+    """'unet scratch', 'mae → unetr', 'unetr dbmim' (a --pretrained NAME=CHECKPOINT row)."""
+    if row in PRETRAININGS:
+        return PRETRAININGS[row][2]
+    return f"{model} {'scratch' if init == 'scratch' else row.removeprefix(model + '-')}"
 
 
 # ---------------------------------------------------------------------- tables
@@ -298,10 +346,17 @@ def main() -> None:
     parser.add_argument("--out", default="runs/em_quality")
     parser.add_argument("--task", choices=sorted(TASKS), default="em")
     parser.add_argument("--rows", nargs="*", default=["unet", "unetr"],
-                        help="unet unetr unetr-mae (the baseline row always comes first)")  # fmt: skip
+                        choices=["unet", "unetr", *PRETRAININGS],
+                        help="the baseline row always comes first")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget-min", type=float, default=5.0, help="training minutes per row")
-    parser.add_argument("--pretrain-min", type=float, default=15.0, help="MAE minutes per seed")
+    parser.add_argument("--pretrain-min", type=float, default=15.0,
+                        help="pretraining minutes per method and seed")  # fmt: skip
+    parser.add_argument("--pretrain-seed", type=int, default=None,
+                        help="one pretraining per method for every fine-tuning seed (default: "
+                        "each seed pretrains its own)")  # fmt: skip
+    parser.add_argument("--pretrain-only", action="store_true",
+                        help="run the pretrainings the rows and seeds need, then stop")  # fmt: skip
     parser.add_argument("--pretrained", nargs="*", default=[], metavar="NAME=CHECKPOINT")
     parser.add_argument("--low-label", type=float, default=1.0, help="fraction of training slab")
     parser.add_argument("--overwrite", action="store_true", help="start over in --out")
@@ -314,6 +369,7 @@ def main() -> None:
         "task": args.task,
         "budget_s": budget_s,
         "pretrain_min": args.pretrain_min,
+        **({"pretrain_seed": args.pretrain_seed} if args.pretrain_seed is not None else {}),
         "label_fraction": args.low_label,
     }
     if args.overwrite:
@@ -331,21 +387,34 @@ def main() -> None:
     spec = TASKS[args.task]
     train_roi = list(spec["train"])
     train_roi[3] = spec["train"][0] + round((spec["train"][3] - spec["train"][0]) * args.low_label)
+    inits = {"unet": "scratch", "unetr": "scratch"}
+    inits.update(dict(item.partition("=")[::2] for item in args.pretrained))
+
+    pretrain_runs = Path(args.out) / "pretrain"
+
+    def pretrained(row: str, seed: int) -> dict:
+        seed = seed if args.pretrain_seed is None else args.pretrain_seed
+        return pretrain(row, urls["pretrain"], pretrain_runs, args.pretrain_min, seed)
+
+    if args.pretrain_only:
+        for seed in args.seeds:
+            for row in (r for r in args.rows if r in PRETRAININGS):
+                print(f"{row} seed {seed}: {pretrained(row, seed)['checkpoint']}")
+        return
+
     log = RowLog(
         out / "rows.jsonl",
         lambda records: write_tables(records, args.task, args.low_label, budget_s),
     )
     log.run("no-learning", 0, lambda: baseline_row(args.task, urls))
-    inits = {"unet": "scratch", "unetr": "scratch"}
-    inits.update(dict(item.partition("=")[::2] for item in args.pretrained))
 
     def produce(row: str, seed: int) -> dict:
-        init = inits.get(row, "")
-        if row == "unetr-mae":
-            checkpoint, _ = pretrain_mae(urls, out, args.pretrain_min, seed)
-            init = f"checkpoint:{checkpoint}"
-        elif row not in ("unet", "unetr"):
-            init = f"checkpoint:{init}"
+        if row in PRETRAININGS:
+            record = pretrained(row, seed)
+            learned = learned_row(args.task, row, f"checkpoint:{record['checkpoint']}", urls,
+                                  out, seed, budget_s, train_roi)  # fmt: skip
+            return {**learned, "pretraining": {k: v for k, v in record.items() if k != "method"}}
+        init = inits[row] if row in ("unet", "unetr") else f"checkpoint:{inits[row]}"
         return learned_row(args.task, row, init, urls, out, seed, budget_s, train_roi)
 
     for seed in args.seeds:
