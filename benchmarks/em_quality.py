@@ -225,9 +225,9 @@ def pretrain(row: str, pretrain_url: str, runs: Path, minutes: float, seed: int)
             raise SystemExit(f"em_quality: {done.parent} was pretrained with other overrides; "
                              "remove that folder to pretrain it again")  # fmt: skip
         return record
-    job = PRETRAIN_METHODS.get(method).job_class
+    registered = PRETRAIN_METHODS.get(method)
     started = time.perf_counter()
-    result = PRETRAIN_METHODS.get(method).run(configs.load(job, f"pretrain_{method}", overrides))
+    result = registered.run(configs.load(registered.job_class, f"pretrain_{method}", overrides))
     record = {
         "checkpoint": result.checkpoint.path,
         "method": method,
