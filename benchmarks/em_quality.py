@@ -383,7 +383,10 @@ def main() -> None:
     from neuroray.runtime import connect
 
     connect(object_store_mb=1024, log_to_driver=False)
-    urls = ingest_layers(args.data, out.parent / "layers", args.task)
+    try:  # a layer made from other inputs stops here, before any row runs
+        urls = ingest_layers(args.data, out.parent / "layers", args.task)
+    except NeurorayError as err:
+        raise SystemExit(f"em_quality: {err}") from None
     spec = TASKS[args.task]
     train_roi = list(spec["train"])
     train_roi[3] = spec["train"][0] + round((spec["train"][3] - spec["train"][0]) * args.low_label)

@@ -54,7 +54,7 @@ class ValidationSettings(StrictModel):
     roi: tuple[int, int, int, int, int, int] | None = None
     thresholds: list[float] = [0.1, 0.25, 0.4, 0.55, 0.7, 0.85]
     """waterz merge thresholds tried (EM); the best by VOI is reported with its threshold."""
-    binary_thresholds: list[Annotated[float, Field(gt=0, lt=1)]] = [0.3, 0.4, 0.5, 0.6, 0.7]
+    binary_thresholds: list[Annotated[float, Field(gt=0, lt=1)]] = [t / 10 for t in range(1, 10)]
     """Foreground cuts tried (mito, lm); the best by Dice is reported with its threshold."""
 
 
