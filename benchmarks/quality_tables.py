@@ -58,6 +58,8 @@ def write_table(
             **({"params": rec["params"]} if "params" in rec else {}),
         })  # fmt: skip
         row["seeds"].append(rec["seed"])
+        if "pretraining" in rec:  # its steps and wall time, stated beside the fine-tuning budget
+            row.setdefault("pretraining", []).append(rec["pretraining"])
         for key, value in rec[part].items():
             row["metrics"].setdefault(key, []).append(value)
     out = []
