@@ -283,10 +283,12 @@ def main() -> None:
 
     connect(object_store_mb=1024, log_to_driver=False)
     image = str(out / "layers" / "medulla_s1_raw")
-    if not Path(image).exists():
+    try:  # resumes a finished layer; one made from other inputs stops here, before any arm
         ingest(f"{args.data}/em/fib_medulla_s1_raw.h5#raw", image, chunk_shape=(64, 64, 64),
                progress=False)  # fmt: skip
-    crops = scoring_crops(args.data, *args.probe_crops)
+        crops = scoring_crops(args.data, *args.probe_crops)
+    except NeurorayError as err:
+        raise SystemExit(f"dbmim_quality: {err}") from None
     log = RowLog(out / "rows.jsonl", write_results)
     ratio = 0.75
 
