@@ -198,10 +198,10 @@ def paired(a: list[float], b: list[float], rng: np.random.Generator) -> dict[str
     these seeds could detect (two-sided 5%, 80% power: 2.8 standard errors)."""
     diff = np.subtract(a, b)
     means = diff[rng.integers(0, len(diff), (10_000, len(diff)))].mean(1)
-    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else None  # JSON has no NaN
     return {"mean": round(float(diff.mean()), 4), "n": len(diff),
             "ci95": [round(float(q), 4) for q in np.percentile(means, [2.5, 97.5])],
-            "min_detectable": round(float(2.8 * se), 4)}  # fmt: skip
+            "min_detectable": None if se is None else round(float(2.8 * se), 4)}  # fmt: skip
 
 
 def sd(values: list[float]) -> float:
