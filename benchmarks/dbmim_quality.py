@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/dbmim_quality.py --out runs/dbmim_quality [--steps 4000]
     .venv/bin/python benchmarks/dbmim_quality.py --arms rl random --seeds 5 6   # add seeds later
+    .venv/bin/python benchmarks/dbmim_quality.py --augment mim --out runs/dbmim_mim  # flips only
 
 Each **arm** pretrains the same MAE (a 128-wide, 4-deep ViT, the encoder of em_quality.py's UNETR
 rows) on fib_medulla_s1_raw for ``--steps`` steps from the shipped
@@ -131,7 +132,10 @@ def score(mae, crops: dict[str, np.ndarray], ratio: float, seed: int) -> dict[st
 
 
 # ---------------------------------------------------------------------- arms
-def pretrain_arm(arm: str, image: str, out: Path, steps: int, seed: int, budget_s: float | None):
+def pretrain_arm(
+    arm: str, image: str, out: Path, steps: int, seed: int, budget_s: float | None,
+    augment: str | None = None,
+):  # fmt: skip
     """Pretrain one arm; its checkpoint, MAE model, record and job overrides."""
     from neuroray import configs
     from neuroray.agents.dbmim import DbMiMJob, run_dbmim
@@ -146,6 +150,7 @@ def pretrain_arm(arm: str, image: str, out: Path, steps: int, seed: int, budget_
         override("run.storage_path", str(out / "runs")),
         override("run.seed", seed),
         override("rl.seed", seed),
+        *([override("data.augment", augment)] if augment else []),
         *([override("run.steps", 1_000_000), override("run.checkpoint_every", 1_000_000),
            override("run.time_budget_s", budget_s)] if budget_s else
           [override("run.steps", steps), override("run.checkpoint_every", steps)]),
@@ -263,6 +268,9 @@ def main() -> None:
     # MAE on this cube sits on the trivial plateau (loss ~1.0) for its first ~1,200 steps at
     # batch 8: at 2,000 (cosine to zero) every arm's held-out loss was still 0.998-0.999
     parser.add_argument("--steps", type=int, default=4000, help="pretraining steps per arm")
+    parser.add_argument("--augment", default=None, metavar="PIPELINE",
+                        help="every arm's data.augment (a named pipeline such as em or mim; "
+                             "default: the shipped config's)")  # fmt: skip
     parser.add_argument("--probe-crops", type=int, nargs=2, default=[64, 32],
                         metavar=("TRAIN", "TEST"))  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="start over in --out")
@@ -271,7 +279,8 @@ def main() -> None:
         raise SystemExit("dbmim_quality: random-compute-matched needs the rl arm (its wall time)")
     out = Path(args.out)
     settings = {"kind": "dbmim_quality/1", "data": str(Path(args.data).resolve()),
-                "steps": args.steps, "probe_crops": args.probe_crops}  # fmt: skip
+                "steps": args.steps, "probe_crops": args.probe_crops,
+                **({"augment": args.augment} if args.augment else {})}  # fmt: skip
     if args.overwrite:
         remove_tree(local_dir(out))
     try:
@@ -302,7 +311,7 @@ def main() -> None:
             budget = next(
                 r["wall_s"] for r in log.records if r["row"] == "rl" and r["seed"] == seed
             )
-        mae, record = pretrain_arm(arm, image, out, args.steps, seed, budget)
+        mae, record = pretrain_arm(arm, image, out, args.steps, seed, budget, args.augment)
         return {**score(mae, crops, ratio, seed), **record}
 
     order = sorted(args.arms, key=lambda arm: arm == "random-compute-matched")  # after rl

@@ -133,6 +133,12 @@ DEFAULT_PIPELINES: dict[str, list[dict[str, Any]]] = {
         {"name": "gaussian_blur", "p": 0.2, "sigma": [0.5, 1.0], "sigma_z": [0.0, 0.5]},
         {"name": "elastic", "p": 0.2, "magnitude": [1.0, 2.0]},
     ],
+    # Masked-image modelling: geometric only, as MAE trains (flips, no photometric jitter). The
+    # reconstruction target is the augmented crop, so defects and noise become things to predict.
+    "mim": [
+        {"name": "flip", "p": 1.0},
+        {"name": "transpose", "p": 0.5},
+    ],
     # MS-Con: applied once to the crop, so the clean target and both views share orientation.
     "mscon_shared": [
         {"name": "flip", "p": 1.0},
